@@ -1,0 +1,3 @@
+from luafcgid.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Worker process classes (installed as ``luafcgid.workers``)."""
