@@ -1,0 +1,133 @@
+"""From a complete FastCGI request to the CGI output that answers it.
+
+This is the seam between the process side (workers/) and the Lua side (lua/):
+it finds the script a request names, refuses what SPEC §4 refuses, takes a Lua
+state from the cache, runs the handler and maps every failure to its answer.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import Callable
+
+from luafcgid.config import Settings
+from luafcgid.log import log
+from luafcgid.lua import ScriptError, StateCache
+from luafcgid.protocol import Request
+from luafcgid.response import error_page
+
+
+class Refusal(Exception):
+    """The request names a script we will not run: ``code`` is the HTTP answer."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Application:
+    """Runs requests on one worker process's Lua states."""
+
+    def __init__(self, settings: Settings, worker_number: int = 1) -> None:
+        self.settings = settings
+        self.cache = StateCache(settings, worker_number)
+        self.extensions = tuple(settings.extensions)
+        # SCRIPT_FILENAME → real path, for scripts that passed the checks; emptied on every
+        # sweep so a moved symlink or a changed root is seen within one heartbeat.
+        self.real_paths: dict[bytes, str] = {}
+        self.requests = 0
+
+    def handle(self, request: Request, sink: Callable[[bytes], None], thread_number: int) -> bytes:
+        """CGI output (head and body) still to send for ``request``.
+
+        ``sink`` receives output the script flushes before it returns.
+        """
+        self.requests += 1
+        params = request.params
+        filename = params.get(b"SCRIPT_FILENAME")
+        if not filename:
+            log.error("request without SCRIPT_FILENAME: add "
+                      "'fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name;' "
+                      "to the web server's config")
+            return self.error(500, "no script")
+        try:
+            script = self.resolve(filename)
+        except Refusal as refusal:
+            log.info("%s: %s (%d)", os.fsdecode(filename), refusal.reason, refusal.code)
+            return self.error(refusal.code, "")
+        if request.body_too_large:
+            log.warning("%s: request body over maxpost (%d bytes), answered 413; raise maxpost "
+                        "in the config if such bodies are expected", script, self.settings.maxpost)
+            return self.error(413, "")
+        return self.run(script, request, sink, thread_number)
+
+    def run(self, script: str, request: Request, sink: Callable[[bytes], None],
+            thread_number: int) -> bytes:
+        docroot = request.params.get(b"DOCUMENT_ROOT")
+        try:
+            state = self.cache.acquire(script, os.fsdecode(docroot) if docroot else
+                                       (self.settings.root or ""))
+        except ScriptError as failure:
+            return self.script_failed(failure, "loading")
+        discard = False
+        try:
+            return state.run(request.params, request.body, sink, thread_number)
+        except ScriptError as failure:
+            discard = failure.memory
+            return self.script_failed(failure, "running")
+        finally:
+            self.cache.release(state, discard)
+
+    def resolve(self, filename: bytes) -> str:
+        """The real path of the script ``filename`` names, or :class:`Refusal`."""
+        real = self.real_paths.get(filename)
+        if real is None:
+            real = self.check(filename)
+            self.real_paths[filename] = real
+        try:
+            mode = os.stat(real).st_mode
+        except OSError:
+            raise Refusal(404, "script not found") from None
+        if not stat.S_ISREG(mode):
+            raise Refusal(404, "not a regular file")
+        return real
+
+    def check(self, filename: bytes) -> str:
+        """Refuse names outside ``extensions`` or ``root``; return the real path."""
+        if b"\0" in filename:
+            raise Refusal(404, "script name contains a NUL byte")
+        name = os.fsdecode(filename)
+        if not name.endswith(self.extensions):
+            raise Refusal(403, f"extension not in extensions {list(self.extensions)}")
+        real = os.path.realpath(name)
+        if not real.endswith(self.extensions):
+            raise Refusal(403, f"resolves to {real}, whose extension is not allowed")
+        root = self.settings.root
+        if root and not (real == root or real.startswith(root.rstrip("/") + "/")):
+            raise Refusal(403, f"resolves to {real}, outside root {root}")
+        return real
+
+    def script_failed(self, failure: ScriptError, stage: str) -> bytes:
+        log.error("%s: error %s the script: %s\n%s", failure.script, stage, failure.message,
+                  failure.traceback)
+        if failure.flushed:
+            return b""  # the client already has part of the answer: the stream just ends
+        detail = failure.message if self.settings.showerrors else ""
+        return self.error(500, detail)
+
+    def error(self, code: int, detail: str) -> bytes:
+        return error_page(code, self.settings.headers, detail)
+
+    def sweep(self) -> int:
+        """Heartbeat work: forget resolved paths, drop states whose files changed."""
+        self.real_paths.clear()
+        return self.cache.sweep()
+
+    def states_loaded(self) -> int:
+        return len(self.cache)
+
+    def close(self) -> None:
+        self.cache.close()
+

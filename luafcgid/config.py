@@ -1,0 +1,745 @@
+"""The config file: a Lua script whose globals are the settings (SPEC §6).
+
+The file runs once in a fresh Lua 5.4 runtime of its own that cannot reach Python.
+Every global it leaves behind that the standard library did not define is a setting;
+``local`` variables are free for the file's own use. luafcgid2's names are accepted
+as aliases of luafcgid's, and luafcgid2's settings that have no counterpart here are
+accepted (type-checked) so its config files load unchanged.
+
+Every setting is one row of :data:`KEYS`: name → (check, default). A check takes the
+value (plain Python data: ``str``, ``int``, ``float``, ``bool``, ``dict`` for tables)
+and the config file's directory, and returns the canonical value or raises
+:class:`Invalid` with the reason. Adding a setting is one row here and one field on
+:class:`Settings` (a test keeps the two in step).
+
+Choices the spec leaves open:
+
+- Lua tables become ``dict`` (nested tables too); a sequence is a dict with int keys
+  1..n, so ``Config`` converts back to the very same Lua table. Strings become ``str``
+  and must be UTF-8.
+- Relative paths (``startup``, ``logfile``, ``pidfile``, ``root``, a unix socket
+  ``listen``) resolve against the config file's directory, not the current directory,
+  which a daemon leaves.
+- ``listen`` as a bare port means ``127.0.0.1:port``, like the default; ``":port"``
+  or ``"*:port"`` means every interface.
+- ``clones`` greater than ``states`` is refused rather than silently capped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import grp
+import http
+import importlib
+import ipaddress
+import math
+import os
+import pwd
+import re
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import lupa.lua54
+
+from luafcgid.log import LEVELS, log
+
+
+class ConfigError(Exception):
+    """A config file we refuse: ``str(e)`` is ``"<path>: <key>: <reason>"``."""
+
+    def __init__(self, path: str, key: Optional[str], reason: str) -> None:
+        self.path = path
+        self.key = key
+        self.reason = reason
+        parts = [part for part in (path, key) if part]
+        super().__init__(": ".join([*parts, reason]))
+
+
+class Invalid(ValueError):
+    """Raised by a check: the value is refused for the reason given."""
+
+
+Check = Callable[[Any, str], Any]
+
+# Keys whose default is computed from other settings, in _derive().
+DERIVED = object()
+
+# The config runs on the master: a file that loops or eats memory must fail, not hang it.
+CONFIG_CPU_SECONDS = 5.0
+CONFIG_MAX_MEMORY = 64 * 1024 * 1024
+MAX_TABLE_DEPTH = 32
+
+# AF_UNIX paths are limited to sizeof(sun_path) - 1 bytes on Linux.
+UNIX_PATH_MAX = 107
+
+
+class _LuaFunction:
+    """Stands for a Lua function among a config's values: no setting takes one."""
+
+    def __repr__(self) -> str:
+        return "function"
+
+
+_FUNCTION = _LuaFunction()
+
+
+# --- checks --------------------------------------------------------------------------------
+
+
+def _kind(value: Any) -> str:
+    """The Lua name of a value's type, for messages."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (dict, list, tuple)):
+        return "a table"
+    if isinstance(value, _LuaFunction):
+        return "a function"
+    return "nil" if value is None else type(value).__name__
+
+
+def _as_integer(value: Any) -> int:
+    # Lua 5.4 makes 8/2 the float 4.0: a whole float is an integer.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Invalid(f"expected an integer, got {_kind(value)} ({value!r})")
+    return value
+
+
+def integer(minimum: int, maximum: Optional[int] = None) -> Check:
+    """An integer in ``minimum``..``maximum``."""
+
+    def check(value: Any, config_dir: str) -> int:
+        number = _as_integer(value)
+        if number < minimum:
+            raise Invalid(f"must be >= {minimum}, got {number}")
+        if maximum is not None and number > maximum:
+            raise Invalid(f"must be <= {maximum}, got {number}")
+        return number
+
+    return check
+
+
+def number(minimum: float, *, inclusive: bool) -> Check:
+    """A finite number above (or, when ``inclusive``, at least) ``minimum``."""
+
+    def check(value: Any, config_dir: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise Invalid(f"expected a number, got {_kind(value)} ({value!r})")
+        if not math.isfinite(value):
+            raise Invalid(f"expected a finite number, got {value!r}")
+        if value < minimum or (value == minimum and not inclusive):
+            relation = ">=" if inclusive else ">"
+            raise Invalid(f"must be {relation} {minimum:g}, got {value:g}")
+        return float(value)
+
+    return check
+
+
+def boolean(value: Any, config_dir: str) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"expected a boolean (true or false), got {_kind(value)} ({value!r})")
+    return value
+
+
+def string(value: Any, config_dir: str) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"expected a string, got {_kind(value)} ({value!r})")
+    return value
+
+
+def one_line(value: Any, config_dir: str) -> str:
+    """A non-empty string that can go into a response head."""
+    text = string(value, config_dir).strip()
+    if not text:
+        raise Invalid("must not be empty")
+    if "\r" in text or "\n" in text:
+        raise Invalid("must be a single line")
+    return text
+
+
+def one_of(choices: Tuple[str, ...]) -> Check:
+    def check(value: Any, config_dir: str) -> str:
+        text = string(value, config_dir)
+        if text not in choices:
+            raise Invalid(f"expected one of {', '.join(map(repr, choices))}, got {text!r}")
+        return text
+
+    return check
+
+
+def table(value: Any, config_dir: str) -> dict:
+    if not isinstance(value, dict):
+        raise Invalid(f"expected a table, got {_kind(value)} ({value!r})")
+    return value
+
+
+def _sequence(value: Any, example: str) -> list:
+    """The items of a Lua sequence (a dict keyed 1..n) or of a Python list or tuple."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, dict) and set(value) == set(range(1, len(value) + 1)):
+        return [value[index] for index in range(1, len(value) + 1)]
+    raise Invalid(f"expected a list like {example}, got {_kind(value)} ({value!r})")
+
+
+def _resolve(path: str, config_dir: str) -> str:
+    return os.path.normpath(os.path.join(config_dir, path))
+
+
+def required_path(value: Any, config_dir: str) -> str:
+    """A path; a relative one is taken from the config file's directory."""
+    text = string(value, config_dir)
+    if not text:
+        raise Invalid("must not be empty")
+    return _resolve(text, config_dir)
+
+
+def optional_path(value: Any, config_dir: str) -> Optional[str]:
+    """Like :func:`required_path`; ``""`` means none (luafcgid2 has ``StartupScript = ""``)."""
+    return required_path(value, config_dir) if string(value, config_dir) else None
+
+
+def lua_file(value: Any, config_dir: str) -> Optional[str]:
+    resolved = optional_path(value, config_dir)
+    if resolved is not None and not os.path.isfile(resolved):
+        raise Invalid(f"no such file: {resolved}")
+    return resolved
+
+
+def directory(value: Any, config_dir: str) -> Optional[str]:
+    resolved = optional_path(value, config_dir)
+    if resolved is None:
+        return None
+    real = os.path.realpath(resolved)
+    if not os.path.isdir(real):
+        raise Invalid(f"not a directory: {resolved}")
+    return real
+
+
+_HOST = re.compile(r"^(\*|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)?$")
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise Invalid(f"port must be a number in 1..65535, got {text!r}")
+    return int(text)
+
+
+def listen(value: Any, config_dir: str) -> str:
+    """``"host:port"``, ``"[v6]:port"``, a port number, or a unix socket path."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(_as_integer(value))
+    text = string(value, config_dir).strip()
+    if text.startswith(("/", "./", "../")):
+        resolved = _resolve(text, config_dir)
+        if len(os.fsencode(resolved)) > UNIX_PATH_MAX:
+            raise Invalid(f"unix socket path longer than {UNIX_PATH_MAX} bytes: {resolved}")
+        return resolved
+    if text.isdigit():
+        return f"127.0.0.1:{_port(text)}"
+    host, separator, port = text.rpartition(":")
+    if not separator:
+        raise Invalid('expected "host:port", "[v6 address]:port", a port number or a unix '
+                      f'socket path (starting with / or ./), got {text!r}')
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise Invalid(f"not an IPv6 address: {host}") from None
+    elif not _HOST.match(host):
+        raise Invalid(f"not a host name or address: {host!r} (write IPv6 as [::1]:port)")
+    return f"{host}:{_port(port)}"
+
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def headers(value: Any, config_dir: str) -> bytes:
+    """Raw header lines → ``b"Name: value\\r\\n"`` lines; ``\\n`` or ``\\r\\n`` separate them."""
+    lines = []
+    for line in re.split(r"\r?\n", string(value, config_dir)):
+        if not line.strip():
+            continue
+        if "\r" in line:
+            raise Invalid(f"stray carriage return in header line {line!r}")
+        name, colon, content = line.partition(":")
+        if not colon or not _HEADER_NAME.match(name):
+            raise Invalid(f'expected "Name: value" lines, got {line!r}')
+        lines.append(f"{name}: {content.strip()}\r\n")
+    return "".join(lines).encode("utf-8")
+
+
+def handler(value: Any, config_dir: str) -> str:
+    name = string(value, config_dir)
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+        raise Invalid(f"expected the name of a Lua global function, got {name!r}")
+    return name
+
+
+def http_status(value: Any, config_dir: str) -> str:
+    """``"404 Not Found"``, or a code (``404``) that gets its standard phrase."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(_as_integer(value))
+    text = one_line(value, config_dir)
+    code, _, phrase = text.partition(" ")
+    if not code.isdigit() or not 100 <= int(code) <= 599:
+        raise Invalid(f'expected a status like "200 OK", got {text!r}')
+    if phrase.strip():
+        return text
+    try:
+        return f"{code} {http.HTTPStatus(int(code)).phrase}"
+    except ValueError:
+        raise Invalid(f"no standard reason phrase for {code}: write it out") from None
+
+
+def extensions(value: Any, config_dir: str) -> Tuple[str, ...]:
+    names = _sequence(value, '{".lua"}')
+    if not names:
+        raise Invalid("must list at least one extension")
+    for name in names:
+        if not isinstance(name, str) or not name.startswith(".") or len(name) < 2:
+            raise Invalid(f'expected extensions starting with ".", got {name!r}')
+    return tuple(names)
+
+
+def _known_user(name: str) -> str:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        raise Invalid(f"no such user: {name!r}") from None
+    return name
+
+
+def _known_group(name: str) -> str:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        raise Invalid(f"no such group: {name!r}") from None
+    return name
+
+
+def user(value: Any, config_dir: str) -> str:
+    return _known_user(one_line(value, config_dir))
+
+
+def group(value: Any, config_dir: str) -> str:
+    return _known_group(one_line(value, config_dir))
+
+
+def socket_owner(value: Any, config_dir: str) -> str:
+    """``"user"`` or ``"user:group"``."""
+    owner, colon, group_name = one_line(value, config_dir).partition(":")
+    _known_user(owner)
+    if colon:
+        _known_group(group_name)
+    return f"{owner}{colon}{group_name}"
+
+
+def socket_mode(value: Any, config_dir: str) -> int:
+    """An octal string (``"0660"``) or a number (Lua has no octal literals)."""
+    if isinstance(value, str):
+        if not re.match(r"^0?[0-7]{1,3}$", value):
+            raise Invalid(f'expected an octal mode like "0660", got {value!r}')
+        return int(value, 8)
+    mode = _as_integer(value)
+    if not 0 <= mode <= 0o777:
+        # socket_mode = 0660 in Lua is decimal 660.
+        raise Invalid(f'must be in 0..0o777, got {mode}; write the mode as a string, "0660"')
+    return mode
+
+
+def addresses(value: Any, config_dir: str) -> Tuple[str, ...]:
+    """IP addresses, in the form the socket module reports peers."""
+    items = _sequence(value, '{"127.0.0.1", "::1"}')
+    if not items:
+        raise Invalid("must list at least one address (leave it unset to allow every client)")
+    try:
+        return tuple(str(ipaddress.ip_address(item)) for item in items)
+    except ValueError as error:
+        raise Invalid(str(error)) from None
+
+
+LUA_MODULES: Dict[str, Tuple[str, ...]] = {
+    "5.1": ("lua51",),
+    "5.2": ("lua52",),
+    "5.3": ("lua53",),
+    "5.4": ("lua54",),
+    "5.5": ("lua55",),
+    "luajit": ("luajit21", "luajit20"),
+}
+
+
+def lua_module(name: str) -> ModuleType:
+    """The lupa module that runs Lua ``name`` (a ``lua`` setting: "5.4", "luajit", ...)."""
+    if name not in LUA_MODULES:
+        raise ConfigError("", "lua", f"expected one of {', '.join(map(repr, LUA_MODULES))}, "
+                          f"got {name!r}")
+    for module in LUA_MODULES[name]:
+        try:
+            return importlib.import_module(f"lupa.{module}")
+        except ImportError:
+            continue
+    raise ConfigError("", "lua", f"this lupa build does not ship Lua {name}; "
+                      "choose another or install a lupa that has it")
+
+
+def lua_version(value: Any, config_dir: str) -> str:
+    # lua = 5.4 (a number) means "5.4".
+    if isinstance(value, float):
+        value = f"{value:g}"
+    name = string(value, config_dir)
+    try:
+        lua_module(name)
+    except ConfigError as error:
+        raise Invalid(error.reason) from None
+    return name
+
+
+# --- the key table ---------------------------------------------------------------------------
+
+KEYS: Dict[str, Tuple[Check, Any]] = {
+    "listen": (listen, "127.0.0.1:9000"),
+    "processes": (integer(1), DERIVED),
+    "workers": (integer(1), 4),
+    "states": (integer(1), DERIVED),
+    "clones": (integer(1), DERIVED),
+    "sweep": (integer(100), 10000),
+    "retries": (integer(0), 1),
+    "showerrors": (boolean, False),
+    "buffering": (boolean, True),
+    "headersize": (integer(0), 64),
+    "bodysize": (integer(0), 1024),
+    "headers": (headers, b""),
+    "handler": (handler, "main"),
+    "httpstatus": (http_status, "200 OK"),
+    "contenttype": (one_line, "text/html"),
+    "maxpost": (integer(0), 1048576),
+    "logfile": (optional_path, None),
+    "startup": (lua_file, None),
+    "Config": (table, {}),
+    "root": (directory, None),
+    "extensions": (extensions, (".lua",)),
+    "pidfile": (required_path, "/run/luafcgid.pid"),
+    "user": (user, None),
+    "group": (group, None),
+    "socket_mode": (socket_mode, 0o660),
+    "socket_owner": (socket_owner, None),
+    "allowed_clients": (addresses, None),
+    "backlog": (integer(1), 1024),
+    "timeout": (number(0, inclusive=False), 30.0),
+    "graceful_timeout": (number(0, inclusive=True), 30.0),
+    "max_requests": (integer(0), 0),
+    "max_requests_jitter": (integer(0), 0),
+    "max_memory": (integer(0), 0),
+    "state_memory": (integer(0), 0),
+    "loglevel": (one_of(tuple(LEVELS)), "info"),
+    "lua": (lua_version, "5.4"),
+}
+
+# The Settings field of a key, where the names differ.
+FIELDS = {"Config": "script_config"}
+
+# luafcgid2's names (and the capitalised spellings its C++ reads) → luafcgid's.
+ALIASES = {
+    "WorkerThreads": "workers",
+    "LuaMaxStates": "states",
+    "LuaMaxSearchRetries": "retries",
+    "HeadersSize": "headersize",
+    "BodySize": "bodysize",
+    "DefaultHeaders": "headers",
+    "entrypoint": "handler",
+    "Entrypoint": "handler",
+    "DefaultHttpStatus": "httpstatus",
+    "DefaultContentType": "contenttype",
+    "MaxPostSize": "maxpost",
+    "LogFilePath": "logfile",
+    "StartupScript": "startup",
+    "Listen": "listen",
+}
+
+# luafcgid2's session settings, kept in Settings.session; defaults are luafcgid2's.
+SESSION_KEYS: Dict[str, Tuple[Check, Any]] = {
+    "SessionName": (one_line, "XLuaSession"),
+    "SessionTime": (integer(0), 3600),
+    "SessionKeyLen": (integer(1), 24),
+    "SessionCookieSecure": (boolean, True),
+    "SessionCookieHttpOnly": (boolean, True),
+    "SessionCookieSameSite": (one_of(("", "Strict", "Lax", "None")), ""),
+    "SessionTargetScore": (integer(-(2**31)), 3),
+    "SessionIpScore": (integer(-(2**31)), 3),
+    "SessionUserAgentScore": (integer(-(2**31)), 2),
+    "SessionLanguageScore": (integer(-(2**31)), 1),
+}
+
+# Settings of luafcgid2 (and luafcgid 2011) that mean nothing here: checked, then ignored.
+IGNORED_KEYS: Dict[str, Check] = {
+    "LuaStates": integer(0),
+    "BodySectors": integer(0),
+    "MinFileInfoTime": integer(0),
+    "UseFileChecksum": boolean,
+    "watchdog": integer(0),
+    "daemonize": boolean,
+    "maxcount": integer(0),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of SPEC §6 under its canonical name, checked; see :data:`KEYS`."""
+
+    path: str
+    listen: str
+    processes: int
+    workers: int
+    states: int
+    clones: int
+    sweep: int
+    retries: int
+    showerrors: bool
+    buffering: bool
+    headersize: int
+    bodysize: int
+    headers: bytes
+    handler: str
+    httpstatus: str
+    contenttype: str
+    maxpost: int
+    logfile: Optional[str]
+    startup: Optional[str]
+    script_config: dict
+    root: Optional[str]
+    extensions: Tuple[str, ...]
+    pidfile: str
+    user: Optional[str]
+    group: Optional[str]
+    socket_mode: int
+    socket_owner: Optional[str]
+    allowed_clients: Optional[Tuple[str, ...]]
+    backlog: int
+    timeout: float
+    graceful_timeout: float
+    max_requests: int
+    max_requests_jitter: int
+    max_memory: int
+    state_memory: int
+    loglevel: str
+    lua: str
+    session: dict
+    # name → value as a script sees it through con:config(name); built once.
+    _visible: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        visible = dict(self.script_config)
+        visible.update(self.session)
+        for key in KEYS:
+            visible[key] = _as_script_sees(getattr(self, FIELDS.get(key, key)))
+        for alias, key in ALIASES.items():
+            visible[alias] = visible[key]
+        object.__setattr__(self, "_visible", visible)
+
+    def lookup(self, name: str) -> Any:
+        """What ``con:config(name)`` returns: a setting (by luafcgid or luafcgid2 name),
+        else the ``Config`` table's entry, else None."""
+        return self._visible.get(name)
+
+
+def _as_script_sees(value: Any) -> Any:
+    """Settings in the plain data of ``script_config``: sequences as dicts keyed 1..n."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, tuple):
+        return {index: item for index, item in enumerate(value, 1)}
+    return value
+
+
+# --- building Settings -------------------------------------------------------------------
+
+
+def from_mapping(values: dict, path: str = "") -> Settings:
+    """Settings from ``values`` (key → plain Python value) as if a file at ``path`` set them."""
+    config_dir = os.path.dirname(path) if path else os.getcwd()
+    given: Dict[str, Tuple[str, Any]] = {}  # canonical key → (name written, value)
+    session = {key: default for key, (_, default) in SESSION_KEYS.items()}
+    ignored = []
+    for name in sorted(values, key=str):
+        value = values[name]
+        key = ALIASES.get(name, name)
+        if key in KEYS:
+            if key in given:
+                raise ConfigError(path, name, f"set twice, as {given[key][0]} and as {name}; "
+                                  "keep one")
+            given[key] = (name, value)
+        elif key in SESSION_KEYS:
+            session[key] = _checked(path, name, SESSION_KEYS[key][0], value, config_dir)
+        elif key in IGNORED_KEYS:
+            _checked(path, name, IGNORED_KEYS[key], value, config_dir)
+            ignored.append(name)
+        else:
+            raise ConfigError(path, str(name), _unknown(name, value))
+    settings = {}
+    for key, (check, default) in KEYS.items():
+        if key in given:
+            name, value = given[key]
+            settings[key] = _checked(path, name, check, value, config_dir)
+        else:
+            # Config's {} must not be shared between Settings.
+            settings[key] = dict(default) if isinstance(default, dict) else default
+    _derive(settings, given, path)
+    if ignored:
+        log.info("config %s: %s have no effect in luafcgid and are ignored",
+                 path or "(defaults)", ", ".join(ignored))
+    return Settings(path=path, session=session,
+                    **{FIELDS.get(key, key): value for key, value in settings.items()})
+
+
+def _checked(path: str, name: str, check: Check, value: Any, config_dir: str) -> Any:
+    try:
+        return check(value, config_dir)
+    except Invalid as error:
+        raise ConfigError(path, name, str(error)) from None
+
+
+def _unknown(name: Any, value: Any) -> str:
+    if value is _FUNCTION:
+        return "unknown key (a global function: make helpers local)"
+    known = [*KEYS, *ALIASES, *SESSION_KEYS, *IGNORED_KEYS]
+    close = difflib.get_close_matches(str(name), known, n=1)
+    if close:
+        return f"unknown key (did you mean {close[0]}?)"
+    return "unknown key (make variables the file uses for itself local)"
+
+
+def _derive(settings: dict, given: dict, path: str) -> None:
+    """Fill the defaults computed from other settings; check settings against each other."""
+    if settings["processes"] is DERIVED:
+        settings["processes"] = os.cpu_count() or 1
+    if settings["states"] is DERIVED:
+        settings["states"] = 2 * settings["workers"]
+    if settings["clones"] is DERIVED:
+        settings["clones"] = settings["states"]
+    if settings["clones"] > settings["states"]:
+        name = given["clones"][0]
+        raise ConfigError(path, name, f"must be <= states ({settings['states']}), "
+                          f"got {settings['clones']}")
+
+
+def defaults() -> Settings:
+    """The settings of an empty config file."""
+    return from_mapping({})
+
+
+# --- running the file ----------------------------------------------------------------------
+
+# Makes the runtime a sandbox and returns the function that runs the config source.
+# - No way to Python: lupa's `python` module goes, and so does `debug`, whose registry
+#   holds Python objects (debug.getregistry().Py_None.__class__ ...).
+# - No bytecode (load mode "t"), no os.exit.
+# - Bounded CPU: past the deadline the hook fires on every instruction, so a loop that
+#   swallows errors with pcall still ends; it spares `run` itself, which reports the error.
+_SANDBOX = """
+local clock, getinfo, sethook = os.clock, debug.getinfo, debug.sethook
+python, package.loaded.python = nil, nil
+debug, package.loaded.debug = nil, nil
+os.exit = function() error("os.exit is not allowed in the config file", 2) end
+local run
+function run(source, cpu_seconds)
+    local chunk, message = load(source, "=config", "t")
+    if not chunk then return "syntax error", message end
+    local deadline = clock() + cpu_seconds
+    local function watchdog()
+        if clock() > deadline and getinfo(2, "f").func ~= run then
+            sethook(watchdog, "", 1)
+            error("ran longer than " .. cpu_seconds .. " s of CPU", 2)
+        end
+    end
+    sethook(watchdog, "", 1000000)
+    local ok, err = pcall(chunk)
+    sethook()
+    if ok then return nil end
+    if type(err) ~= "string" then err = "(error object is a " .. type(err) .. " value)" end
+    return "error", err
+end
+return run
+"""
+
+
+def load(path: str) -> Settings:
+    """Run the config file at ``path`` and check its settings; raises :class:`ConfigError`."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as file:
+            source = file.read()
+    except OSError as error:
+        raise ConfigError(path, None, f"cannot read the config file: {error.strerror}") from None
+    return from_mapping(_run(source, path), path)
+
+
+def _run(source: bytes, path: str) -> dict:
+    """The globals a config file's source sets, as plain Python data."""
+    runtime = lupa.lua54.LuaRuntime(encoding=None, register_eval=False,
+                                    register_builtins=False, max_memory=CONFIG_MAX_MEMORY)
+    run = runtime.execute(_SANDBOX)
+    lua_globals = runtime.globals()
+    standard = set(lua_globals.keys())
+    try:
+        failure, message = _pair(run(source, CONFIG_CPU_SECONDS))
+    except lupa.lua54.LuaError as error:  # out of memory outside the chunk's pcall
+        raise ConfigError(path, None, f"error: {error or 'not enough memory'}") from None
+    if failure:
+        raise ConfigError(path, None, _where(failure, message.decode("utf-8", "replace")))
+    values = {}
+    for raw_name, value in lua_globals.items():
+        if raw_name in standard:
+            continue
+        name = raw_name.decode("utf-8", "replace") if isinstance(raw_name, bytes) else raw_name
+        values[name] = _plain(value, path, str(name), 0)
+    return values
+
+
+def _pair(result: Any) -> Tuple[Optional[str], bytes]:
+    if result is None:
+        return None, b""
+    failure, message = result
+    return failure.decode(), message
+
+
+def _where(failure: str, message: str) -> str:
+    """``config:3: boom`` → ``error at line 3: boom``."""
+    located = re.match(r"^config:(\d+): (.*)$", message, re.DOTALL)
+    if located:
+        return f"{failure} at line {located.group(1)}: {located.group(2)}"
+    return f"{failure}: {message}"
+
+
+def _plain(value: Any, path: str, where: str, depth: int) -> Any:
+    """A Lua value as plain Python data; ``where`` names it in errors (``Config.list.2``)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(path, where, "string is not valid UTF-8") from None
+    kind = lupa.lua54.lua_type(value)
+    if kind is None:  # bool, int, float: already Python
+        return value
+    if kind == "function":
+        return _FUNCTION
+    if kind != "table":
+        raise ConfigError(path, where, f"a Lua {kind} cannot be a setting")
+    if depth >= MAX_TABLE_DEPTH:
+        raise ConfigError(path, where, f"tables nested deeper than {MAX_TABLE_DEPTH} "
+                          "(a table that contains itself?)")
+    converted = {}
+    for raw_key, item in value.items():
+        key = _plain(raw_key, path, where, depth + 1)
+        if key is _FUNCTION or isinstance(key, dict):
+            raise ConfigError(path, where, "table keys must be strings, numbers or booleans")
+        converted[key] = _plain(item, path, f"{where}.{key}", depth + 1)
+        if converted[key] is _FUNCTION:
+            raise ConfigError(path, f"{where}.{key}", "a function cannot be a setting")
+    return converted

@@ -1,0 +1,450 @@
+"""Real parts for the integration tests: a private nginx, a luafcgid server, HTTP clients.
+
+Everything listens on 127.0.0.1 (or a unix socket in the test's tmp dir) on a free port,
+and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+FASTCGI_PARAMS = "/etc/nginx/fastcgi_params"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition"):
+    """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def accepts(address: str) -> bool:
+    """True when something accepts connections at a luafcgid ``listen`` address."""
+    try:
+        if address.startswith("/") or address.startswith("./"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(1)
+                client.connect(address)
+        else:
+            host, _, port = address.rpartition(":")
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+                pass
+        return True
+    except OSError:
+        return False
+
+
+# --- config and scripts -------------------------------------------------------------------
+
+
+def lua_literal(value: object) -> str:
+    """A Python value written as a Lua literal (for config files)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace(
+            "\r", "\\r") + '"'
+    if isinstance(value, (list, tuple)):
+        return "{" + ", ".join(lua_literal(item) for item in value) + "}"
+    if isinstance(value, Mapping):
+        fields = (f"[{lua_literal(k)}] = {lua_literal(v)}" for k, v in value.items())
+        return "{" + ", ".join(fields) + "}"
+    raise TypeError(f"no Lua literal for {value!r}")
+
+
+def write_config(path: Path, **settings: object) -> Path:
+    """Write a luafcgid config file with ``settings`` as globals."""
+    lines = [f"{key} = {lua_literal(value)}" for key, value in settings.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_scripts(docroot: Path, scripts: Mapping[str, str]) -> Path:
+    """Write Lua scripts (name → source) under ``docroot``."""
+    docroot.mkdir(parents=True, exist_ok=True)
+    for name, source in scripts.items():
+        target = docroot / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(source)
+    return docroot
+
+
+# --- nginx ---------------------------------------------------------------------------------
+
+NGINX_CONF = """\
+{user}
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    fastcgi_temp_path {prefix}/fastcgi;
+    proxy_temp_path {prefix}/proxy;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    client_max_body_size 64m;
+    client_body_buffer_size 2m;
+    keepalive_requests 100000;
+    upstream luafcgid {{
+        server {upstream};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        root {docroot};
+        location ~ \\.lua$ {{
+            fastcgi_pass luafcgid;
+            fastcgi_keep_conn {keep_conn};
+            fastcgi_buffering {buffering};
+            fastcgi_read_timeout 60s;
+            include {fastcgi_params};
+            fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name;
+        }}
+    }}
+}}
+"""
+
+
+class Nginx:
+    """A private nginx (own prefix, free loopback port) in front of a FastCGI address."""
+
+    def __init__(self, prefix: Path, docroot: Path, fastcgi_address: str,
+                 keep_conn: bool = True, buffering: bool = True) -> None:
+        self.prefix = prefix
+        self.port = free_port()
+        upstream = fastcgi_address
+        if fastcgi_address.startswith("/"):
+            upstream = "unix:" + fastcgi_address
+        prefix.mkdir(parents=True, exist_ok=True)
+        self.conf = prefix / "nginx.conf"
+        self.conf.write_text(NGINX_CONF.format(
+            user="user root;" if os.geteuid() == 0 else "",
+            prefix=prefix, port=self.port, upstream=upstream, docroot=docroot,
+            keep_conn="on" if keep_conn else "off", buffering="on" if buffering else "off",
+            fastcgi_params=FASTCGI_PARAMS))
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self) -> Nginx:
+        self.process = subprocess.Popen(
+            [NGINX, "-p", str(self.prefix), "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: accepts(f"127.0.0.1:{self.port}") or self.process.poll() is not None,
+                   what="nginx to listen")
+        if self.process.poll() is not None:
+            raise RuntimeError("nginx did not start: " + self.process.stderr.read().decode())
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGQUIT)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def error_log(self) -> str:
+        path = self.prefix / "error.log"
+        return path.read_text() if path.exists() else ""
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+# --- luafcgid -----------------------------------------------------------------------------
+
+
+class Server:
+    """``luafcgid start -F -c CONFIG`` as a child process."""
+
+    def __init__(self, config: Path, listen: str, log_path: Optional[Path] = None) -> None:
+        self.config = config
+        self.listen = listen
+        self.log_path = log_path or config.with_suffix(".stderr")
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 20.0) -> Server:
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "luafcgid", "start", "-F", "-c", str(self.config)],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: accepts(self.listen) or self.process.poll() is not None,
+                   timeout=timeout, what="luafcgid to accept")
+        if self.process.poll() is not None:
+            raise RuntimeError("luafcgid exited at start:\n" + self.output())
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 30.0) -> Optional[int]:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        self._log.close()
+        return self.process.returncode
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+# --- HTTP clients -------------------------------------------------------------------------
+
+
+class Response:
+    def __init__(self, status: int, headers: list, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: str) -> Optional[str]:
+        values = self.headers_named(name)
+        return values[0] if values else None
+
+    def headers_named(self, name: str) -> list:
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.body[:200]!r}>"
+
+
+def http(port: int, path: str, method: str = "GET", body: Optional[bytes] = None,
+         headers: Optional[Mapping[str, str]] = None, timeout: float = 30.0,
+         connection: Optional[http.client.HTTPConnection] = None) -> Response:
+    """One HTTP request to nginx on ``port``; reuses ``connection`` when given."""
+    conn = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=dict(headers or {}))
+        reply = conn.getresponse()
+        return Response(reply.status, reply.getheaders(), reply.read())
+    finally:
+        if connection is None:
+            conn.close()
+
+
+class RequestLoop:
+    """Threads that send requests through nginx until stopped, counting what came back.
+
+    ``check(response)`` says whether a response is good; everything else, connection errors
+    included, counts as failed.
+    """
+
+    def __init__(self, port: int, paths: Iterable[str], check: Callable[[Response], bool],
+                 clients: int = 4, max_seconds: float = 120.0) -> None:
+        self.port = port
+        self.paths = list(paths)
+        self.check = check
+        self.counts: Counter = Counter()
+        self.failures: list = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.deadline = time.monotonic() + max_seconds
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self) -> RequestLoop:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    @property
+    def total(self) -> int:
+        with self.lock:
+            return sum(self.counts.values())
+
+    @property
+    def failed(self) -> int:
+        with self.lock:
+            return self.counts["failed"]
+
+    def wait_for(self, requests: int, timeout: float = 30.0) -> None:
+        start = self.total
+        wait_until(lambda: self.total >= start + requests, timeout, f"{requests} more requests")
+
+    def _client(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        index = 0
+        while not self.stopping.is_set() and time.monotonic() < self.deadline:
+            path = self.paths[index % len(self.paths)]
+            index += 1
+            try:
+                response = http(self.port, path, connection=conn)
+                outcome = "ok" if self.check(response) else "failed"
+                if outcome == "failed":
+                    self._note(f"{path}: {response!r}")
+            except (OSError, http.client.HTTPException) as error:
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                outcome = "failed"
+                self._note(f"{path}: {error!r}")
+            with self.lock:
+                self.counts[outcome] += 1
+        conn.close()
+
+    def _note(self, failure: str) -> None:
+        with self.lock:
+            if len(self.failures) < 50:
+                self.failures.append(failure)
+
+
+# --- a site: luafcgid + nginx on a docroot of scripts ---------------------------------------
+
+
+class Site:
+    """Scripts in a docroot, a luafcgid serving them and a private nginx in front."""
+
+    def __init__(self, base: Path, scripts: Mapping[str, str], keep_conn: bool = True,
+                 nginx_buffering: bool = True, **settings: object) -> None:
+        self.base = base
+        self.docroot = write_scripts(base / "www", scripts)
+        self.listen = str(settings.pop("listen", f"127.0.0.1:{free_port()}"))
+        self.settings = {"listen": self.listen, "processes": 1,
+                         "pidfile": str(base / "luafcgid.pid"), **settings}
+        self.config = write_config(base / "config.lua", **self.settings)
+        self.server = Server(self.config, self.listen)
+        self.nginx = Nginx(base / "nginx", self.docroot, self.listen, keep_conn=keep_conn,
+                           buffering=nginx_buffering)
+
+    def __enter__(self) -> Site:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> Site:
+        self.server.start()
+        try:
+            self.nginx.start()
+        except Exception:
+            self.server.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self.nginx.stop()
+        self.server.stop()
+
+    @property
+    def port(self) -> int:
+        return self.nginx.port
+
+    def get(self, path: str, **kwargs: object) -> Response:
+        return http(self.port, path, **kwargs)
+
+    def script_path(self, name: str) -> str:
+        return str(self.docroot / name)
+
+
+# --- a FastCGI client, for what nginx would not send ------------------------------------------
+
+
+def fcgi_connect(address: str, timeout: float = 10.0) -> socket.socket:
+    if address.startswith("/"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(address)
+        return sock
+    host, _, port = address.rpartition(":")
+    return socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+
+
+def fcgi_request_bytes(params: Mapping[str, str], body: bytes = b"", request_id: int = 1,
+                       keep_conn: bool = False, role: int = 1) -> bytes:
+    """The records nginx would send for one request."""
+    from luafcgid import protocol
+
+    flags = protocol.KEEP_CONN if keep_conn else 0
+    begin = bytes([role >> 8, role & 0xFF, flags, 0, 0, 0, 0, 0])
+    pairs = protocol.encode_pairs((k.encode(), v.encode()) for k, v in params.items())
+    records = [protocol.encode_record(protocol.BEGIN_REQUEST, request_id, begin)]
+    for start in range(0, len(pairs), 65535):
+        records.append(protocol.encode_record(protocol.PARAMS, request_id,
+                                              pairs[start:start + 65535]))
+    records.append(protocol.encode_record(protocol.PARAMS, request_id))
+    for start in range(0, len(body), 65535):
+        records.append(protocol.encode_record(protocol.STDIN, request_id,
+                                              body[start:start + 65535]))
+    records.append(protocol.encode_record(protocol.STDIN, request_id))
+    return b"".join(records)
+
+
+def read_records(sock: socket.socket, until_end_request: bool = True) -> list:
+    """Read FastCGI records (type, request id, content) until END_REQUEST or end of stream."""
+    buffer = b""
+    records = []
+    while True:
+        while len(buffer) >= 8:
+            _, kind, rid, length, padding = (buffer[0], buffer[1],
+                                             int.from_bytes(buffer[2:4], "big"),
+                                             int.from_bytes(buffer[4:6], "big"), buffer[6])
+            if len(buffer) < 8 + length + padding:
+                break
+            records.append((kind, rid, buffer[8:8 + length]))
+            buffer = buffer[8 + length + padding:]
+            if until_end_request and kind == 3:
+                return records
+        chunk = sock.recv(65536)
+        if not chunk:
+            return records
+        buffer += chunk
+
+
+def fcgi_call(address: str, params: Mapping[str, str], body: bytes = b"",
+              sock: Optional[socket.socket] = None, keep_conn: bool = False) -> bytes:
+    """One request over FastCGI; returns the STDOUT stream (CGI head and body)."""
+    own = sock is None
+    sock = sock or fcgi_connect(address)
+    try:
+        sock.sendall(fcgi_request_bytes(params, body, keep_conn=keep_conn))
+        records = read_records(sock)
+        return b"".join(content for kind, _, content in records if kind == 6)
+    finally:
+        if own:
+            sock.close()

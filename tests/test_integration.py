@@ -1,0 +1,232 @@
+"""The whole path through real parts: HTTP → nginx → FastCGI → luafcgid → Lua and back."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from tests.support import Site, fcgi_call, fcgi_connect, fcgi_request_bytes, read_records, wait_until
+
+SCRIPTS = {
+    "hello.lua": 'function main(env, con) con:header("Content-Type", "text/plain") '
+                 'con:puts("Hello, world!") end',
+    "echo.lua": "function main(env, con) con:header('Content-Type', 'application/octet-stream') "
+                "con:puts(con:gets()) end",
+    "headers.lua": """
+        function main(env, con)
+            con:status(201)
+            con:header("Set-Cookie", "a=1; Path=/")
+            con:header("Set-Cookie: b=2; Path=/")
+            con:header("X-Method", env.REQUEST_METHOD)
+            con:puts("created")
+        end""",
+    "notfound.lua": 'function main(env, con) con:status(404) con:puts("no such thing") end',
+    "stream.lua": """
+        function main(env, con)
+            con:header("Content-Type", "text/plain")
+            con:puts("first\\n")
+            con:flush()
+            local flag = env.DOCUMENT_ROOT .. "/go." .. env.QUERY_STRING
+            local deadline = os.time() + 10
+            while os.time() < deadline do
+                local f = io.open(flag)
+                if f then f:close() break end
+            end
+            con:puts("second\\n")
+        end""",
+    "counter.lua": "hits = 0 function main(env, con) hits = hits + 1 con:puts(hits) end",
+    "syntax.lua": "function main(env, con) con:puts('x' end",
+    "boom.lua": 'function main(env, con) con:puts("partial") error("kaboom") end',
+    "nohandler.lua": "x = 1",
+    "legacy.lua": 'function main() RespContentType("text/plain") Header("X-Legacy", "yes") '
+                  'Send("legacy " .. Env.REQUEST_METHOD .. " " .. (Cookies.sid or "-")) end',
+    "helper.lua": 'local lf = require("luafcgid") function main(env, con) '
+                  'local q = lf.parse(env.QUERY_STRING) con:puts(q.a .. "|" .. q.b[2]) end',
+    "notes.txt": "function main(env, con) con:puts('must not run') end",
+}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    base = tmp_path_factory.mktemp("site")
+    with Site(base, SCRIPTS, nginx_buffering=False, workers=4, maxpost=2 * 1024 * 1024,
+              headers="X-Powered-By: luafcgid\r\n", timeout=30, sweep=300) as running:
+        yield running
+
+
+def test_get_hello(site):
+    reply = site.get("/hello.lua")
+    assert reply.status == 200
+    assert reply.body == b"Hello, world!"
+    assert reply.header("Content-Type") == "text/plain"
+    assert reply.header("X-Powered-By") == "luafcgid"
+    assert reply.header("Content-Length") == "13"
+
+
+def test_post_one_mebibyte_is_echoed_byte_exact(site):
+    body = os.urandom(1024 * 1024)
+    reply = site.get("/echo.lua", method="POST", body=body,
+                     headers={"Content-Type": "application/octet-stream"})
+    assert reply.status == 200
+    assert reply.body == body
+
+
+def test_status_and_repeated_headers(site):
+    reply = site.get("/headers.lua", method="PUT", body=b"")
+    assert reply.status == 201
+    assert reply.headers_named("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    assert reply.header("X-Method") == "PUT"
+    assert reply.header("X-Powered-By") == "luafcgid"
+    assert reply.body == b"created"
+
+
+def test_script_status_404_keeps_its_body(site):
+    reply = site.get("/notfound.lua")
+    assert (reply.status, reply.body) == (404, b"no such thing")
+
+
+def test_flush_streams_before_the_handler_returns(site):
+    with socket.create_connection(("127.0.0.1", site.port), timeout=10) as client:
+        client.sendall(b"GET /stream.lua?one HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = b""
+        deadline = time.monotonic() + 10
+        while b"first" not in received and time.monotonic() < deadline:
+            received += client.recv(4096)
+        assert b"first" in received
+        assert b"second" not in received  # the handler is still waiting for the flag
+        (site.docroot / "go.one").write_text("")
+        while not received.endswith(b"0\r\n\r\n"):
+            chunk = client.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+    assert b"second" in received
+
+
+def test_state_persists_between_requests(site):
+    first = int(site.get("/counter.lua").body)
+    second = int(site.get("/counter.lua").body)
+    assert second == first + 1
+
+
+def test_luafcgid2_globals_through_nginx(site):
+    reply = site.get("/legacy.lua", headers={"Cookie": "sid=abc; other=1"})
+    assert reply.status == 200
+    assert reply.body == b"legacy GET abc"
+    assert reply.header("Content-Type") == "text/plain"
+    assert reply.header("X-Legacy") == "yes"
+
+
+def test_helper_module(site):
+    assert site.get("/helper.lua?a=x+y&b=1&b=2").body == b"x y|2"
+
+
+def test_missing_script_is_404(site):
+    reply = site.get("/nothere.lua")
+    assert reply.status == 404
+    assert reply.header("X-Powered-By") == "luafcgid"
+
+
+def test_errors_are_500_without_details(site):
+    for path in ("/syntax.lua", "/boom.lua", "/nohandler.lua"):
+        reply = site.get(path)
+        assert reply.status == 500, path
+        assert b"kaboom" not in reply.body and b"partial" not in reply.body
+        assert reply.header("X-Powered-By") == "luafcgid"
+    log = site.server.output()
+    assert "boom.lua" in log and "kaboom" in log and "traceback" in log.lower()
+    assert "syntax.lua" in log
+
+
+def test_body_over_maxpost_is_413(site):
+    reply = site.get("/echo.lua", method="POST", body=b"x" * (3 * 1024 * 1024))
+    assert reply.status == 413
+    assert site.get("/hello.lua").status == 200
+
+
+def test_extension_not_allowed_is_403(site):
+    head = fcgi_call(site.listen, {"SCRIPT_FILENAME": site.script_path("notes.txt"),
+                                   "REQUEST_METHOD": "GET"})
+    assert head.startswith(b"Status: 403")
+    assert b"must not run" not in head
+
+
+def test_no_script_filename_is_500(site):
+    reply = fcgi_call(site.listen, {"REQUEST_METHOD": "GET"})
+    assert reply.startswith(b"Status: 500")
+    assert b"no script" in reply
+
+
+def test_cgi_fcgi_direct_request(site):
+    env = {"SCRIPT_FILENAME": site.script_path("hello.lua"), "REQUEST_METHOD": "GET",
+           "PATH": os.environ.get("PATH", "")}
+    done = subprocess.run(["cgi-fcgi", "-bind", "-connect", site.listen], env=env,
+                          capture_output=True, timeout=20)
+    assert b"Status: 200 OK" in done.stdout
+    assert done.stdout.endswith(b"Hello, world!")
+
+
+def test_keep_conn_reuses_upstream_connections(site):
+    port = int(site.listen.rsplit(":", 1)[1])
+    client = http.client.HTTPConnection("127.0.0.1", site.port, timeout=10)
+    for _ in range(200):
+        client.request("GET", "/hello.lua")
+        assert client.getresponse().read() == b"Hello, world!"
+    client.close()
+    worker_conns = [c for proc in psutil.Process(site.server.pid).children(recursive=True)
+                    for c in proc.net_connections("tcp")
+                    if c.laddr and c.laddr.port == port and c.status == "ESTABLISHED"]
+    # 200 sequential requests, one kept-alive upstream connection (nginx may open a second)
+    assert 1 <= len(worker_conns) <= 2
+
+
+def test_keep_conn_on_a_raw_connection(site):
+    with fcgi_connect(site.listen) as sock:
+        for _ in range(3):
+            out = fcgi_call(site.listen, {"SCRIPT_FILENAME": site.script_path("hello.lua")},
+                            sock=sock, keep_conn=True)
+            assert out.endswith(b"Hello, world!")
+
+
+def test_connection_closed_without_keep_conn(site):
+    with fcgi_connect(site.listen) as sock:
+        sock.sendall(fcgi_request_bytes({"SCRIPT_FILENAME": site.script_path("hello.lua")}))
+        records = read_records(sock, until_end_request=False)  # reads to end of stream
+    assert records[-1][0] == 3  # END_REQUEST, then the server closed
+
+
+def test_idle_kept_alive_connections_hold_no_thread(site):
+    """workers = 4 threads; 100 idle kept-alive connections and 100 silent ones."""
+    idle = []
+    try:
+        for _ in range(100):
+            sock = fcgi_connect(site.listen)
+            fcgi_call(site.listen, {"SCRIPT_FILENAME": site.script_path("hello.lua")},
+                      sock=sock, keep_conn=True)
+            idle.append(sock)
+        for _ in range(100):
+            idle.append(fcgi_connect(site.listen))
+        started = time.monotonic()
+        reply = site.get("/hello.lua", timeout=5)
+        assert reply.status == 200
+        assert time.monotonic() - started < 2
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_script_change_is_picked_up_after_sweep(site):
+    path = site.docroot / "changing.lua"
+    path.write_text('function main(env, con) con:puts("v1") end')
+    assert site.get("/changing.lua").body == b"v1"
+    path.write_text('function main(env, con) con:puts("v2") end')
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    wait_until(lambda: site.get("/changing.lua").body == b"v2", timeout=15,
+               what="the changed script to be served")

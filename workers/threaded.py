@@ -1,0 +1,298 @@
+"""The worker that serves: one event loop for connections, a thread pool for Lua.
+
+Connections belong to the event loop, never to a thread: the loop accepts,
+reads and parses records (luafcgid.protocol), so an idle kept-alive
+connection, or a client sending one byte a second, costs no thread. Only a
+complete request goes to the pool. A pool thread runs the script and writes
+the answer straight to the socket (waiting for the socket itself if the
+client reads slowly), then hands the connection back.
+
+Closing is the loop's job, so the selector's table never goes stale: a pool
+thread ends a non-kept connection with ``shutdown()``, the loop sees the end
+of stream and closes. A connection the loop gives up on while a thread still
+writes to it is closed by that thread when it finishes.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import select
+import selectors
+import socket
+import threading
+import time
+from typing import Optional, Union
+
+from luafcgid import protocol
+from luafcgid.log import log
+from luafcgid.response import error_page
+from luafcgid.workers.base import Worker
+
+# Connections one worker process holds at once; past it the listener is left alone (new
+# connections wait in the kernel's backlog, where another worker process may take them).
+MAX_CONNECTIONS = 1024
+READ_SIZE = 256 * 1024
+ACCEPT_BATCH = 64
+# How often an otherwise idle loop looks at its parent and its stop deadline.
+TICK = 1.0
+
+Job = Union[protocol.Request, bytes]
+
+
+class Connection:
+    """One client connection: its socket, its record parser, and who holds it."""
+
+    __slots__ = ("sock", "parser", "busy", "pending", "closed", "request_id", "send_timeout")
+
+    def __init__(self, sock: socket.socket, parser: protocol.Connection,
+                 send_timeout: float) -> None:
+        self.sock = sock
+        self.parser = parser
+        self.busy = False          # a pool thread is answering a request on it
+        self.pending: collections.deque = collections.deque()  # jobs waiting for that thread
+        self.closed = False        # the loop dropped it while busy: the thread closes it
+        self.request_id = 0
+        self.send_timeout = send_timeout
+
+    def send(self, data: bytes) -> None:
+        send_all(self.sock, data, self.send_timeout)
+
+    def sink(self, data: bytes) -> None:
+        """Where a script's flushed output goes: STDOUT records, sent now."""
+        if data:
+            self.send(protocol.stdout_records(self.request_id, data))
+
+
+def send_all(sock: socket.socket, data: bytes, timeout: float) -> None:
+    """Send all of ``data`` on a non-blocking socket, waiting up to ``timeout`` s for room."""
+    sent = sock.send(data)
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    deadline = time.monotonic() + timeout
+    while view:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"client did not read the response for {timeout:g} s")
+        if poller.poll(remaining * 1000):
+            try:
+                view = view[sock.send(view):]
+            except BlockingIOError:
+                continue
+
+
+class ThreadWorker(Worker):
+    """Event loop + ``workers`` threads, each running Lua states from the shared cache."""
+
+    def serve(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.connections: dict[int, Connection] = {}
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.busy = 0
+        self.accepting = False
+        self.listener.setblocking(False)
+        self.selector.register(self.signal_read_fd, selectors.EVENT_READ, "signals")
+        self.start_accepting()
+        threads = [threading.Thread(target=self.work, args=(number,), daemon=True,
+                                    name=f"lua-{number}")
+                   for number in range(1, self.settings.workers + 1)]
+        for thread in threads:
+            thread.start()
+        try:
+            self.loop()
+        finally:
+            for _ in threads:
+                self.jobs.put(None)
+            for thread in threads:
+                thread.join(0.5 if self.fast_exit else 5)
+            self.selector.close()
+
+    # -- the event loop -------------------------------------------------------------------
+
+    def loop(self) -> None:
+        stop_deadline: Optional[float] = None
+        while True:
+            if not self.alive:
+                if stop_deadline is None:
+                    stop_deadline = time.monotonic() + self.settings.graceful_timeout
+                    self.stop_accepting()
+                    self.listener.close()
+                self.close_idle()
+                if self.fast_exit or self.busy == 0 or time.monotonic() > stop_deadline:
+                    return
+            for key, _ in self.selector.select(TICK if self.alive else 0.05):
+                if key.data is None:
+                    self.accept()
+                elif key.data == "signals":
+                    self.read_signals()
+                else:
+                    self.read(key.data)
+            if self.ppid_changed():
+                log.warning("worker %d: master is gone, stopping", self.number)
+                self.stop(fast=False)
+
+    def ppid_changed(self) -> bool:
+        return self.report_fd is not None and self.ppid != os.getppid()
+
+    def start_accepting(self) -> None:
+        if not self.accepting and self.alive:
+            self.selector.register(self.listener, selectors.EVENT_READ, None)
+            self.accepting = True
+
+    def stop_accepting(self) -> None:
+        if self.accepting:
+            self.selector.unregister(self.listener)
+            self.accepting = False
+
+    def accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if len(self.connections) >= MAX_CONNECTIONS:
+                self.stop_accepting()
+                return
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                log.warning("worker %d: accept failed: %s", self.number, error)
+                return
+            if not self.client_allowed(sock, peer):
+                continue
+            sock.setblocking(False)
+            parser = protocol.Connection(MAX_CONNECTIONS, self.settings.workers,
+                                         self.settings.maxpost)
+            connection = Connection(sock, parser, self.settings.timeout)
+            self.connections[sock.fileno()] = connection
+            self.selector.register(sock, selectors.EVENT_READ, connection)
+
+    def client_allowed(self, sock: socket.socket, peer: object) -> bool:
+        allowed = self.settings.allowed_clients
+        if not allowed or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return True
+        address = peer[0] if isinstance(peer, tuple) else str(peer)
+        if address in allowed:
+            return True
+        log.warning("connection from %s refused: not in allowed_clients", address)
+        sock.close()
+        return False
+
+    def read(self, connection: Connection) -> None:
+        try:
+            data = connection.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close(connection)
+            return
+        try:
+            events = connection.parser.receive(data)
+        except protocol.ProtocolError as error:
+            log.warning("worker %d: closing a FastCGI connection: %s", self.number, error)
+            self.close(connection)
+            return
+        for event in events:
+            if isinstance(event, protocol.Request):
+                self.dispatch(connection, event)
+            elif isinstance(event, protocol.Reply):
+                self.dispatch(connection, event.data)
+            elif isinstance(event, protocol.Abort):
+                self.abort(connection, event.request_id)
+
+    def abort(self, connection: Connection, request_id: int) -> None:
+        """ABORT_REQUEST: a request still running ends normally (its END_REQUEST closes it);
+        one that never reached a thread is ended here."""
+        with self.lock:
+            running = connection.busy and connection.request_id == request_id
+        if not running:
+            self.dispatch(connection, protocol.end_request(request_id))
+
+    def dispatch(self, connection: Connection, job: Job) -> None:
+        """Hand a request (or bytes to send) to the pool, in order per connection."""
+        with self.lock:
+            if connection.busy:
+                connection.pending.append(job)
+                return
+            connection.busy = True
+            self.busy += 1
+        self.jobs.put((connection, job))
+
+    def close(self, connection: Connection) -> None:
+        self.selector.unregister(connection.sock)
+        del self.connections[connection.sock.fileno()]
+        with self.lock:
+            if connection.busy:
+                connection.closed = True
+                return
+        connection.sock.close()
+        self.start_accepting()
+
+    def close_idle(self) -> None:
+        """While stopping: let go of every connection no thread is answering on."""
+        for connection in list(self.connections.values()):
+            if not connection.busy:
+                self.close(connection)
+
+    # -- the pool -------------------------------------------------------------------------
+
+    def work(self, thread_number: int) -> None:
+        while True:
+            item = self.jobs.get()
+            if item is None:
+                return
+            connection, job = item
+            while job is not None:
+                self.do(connection, job, thread_number)
+                with self.lock:
+                    job = connection.pending.popleft() if connection.pending else None
+                    if job is None:
+                        connection.busy = False
+                        self.busy -= 1
+                        orphaned = connection.closed
+            if orphaned:
+                connection.sock.close()
+            if not self.alive:
+                self.wake()
+
+    def do(self, connection: Connection, job: Job, thread_number: int) -> None:
+        try:
+            if isinstance(job, bytes):
+                connection.send(job)
+            else:
+                self.respond(connection, job, thread_number)
+        except OSError as error:
+            log.info("worker %d: client connection lost while answering: %s", self.number, error)
+            shut_down(connection.sock)
+
+    def respond(self, connection: Connection, request: protocol.Request,
+                thread_number: int) -> None:
+        request_id = request.request_id
+        connection.request_id = request_id
+        assert self.app is not None
+        try:
+            output = self.app.handle(request, connection.sink, thread_number)
+        except Exception:
+            log.exception("worker %d: internal error answering a request", self.number)
+            output = error_page(500, self.settings.headers)
+        connection.send(protocol.stdout_records(request_id, output)
+                        + protocol.end_request(request_id))
+        if not request.keep_conn:
+            shut_down(connection.sock)
+        self.request_done()
+
+    def busy_threads(self) -> int:
+        return self.busy
+
+
+def shut_down(sock: socket.socket) -> None:
+    """End both directions; the loop then sees end of stream and closes the socket."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
