@@ -11,7 +11,14 @@ import time
 import psutil
 import pytest
 
-from tests.support import Site, fcgi_call, fcgi_connect, fcgi_request_bytes, read_records, wait_until
+from tests.support import (
+    Site,
+    fcgi_call,
+    fcgi_connect,
+    fcgi_request_bytes,
+    read_records,
+    wait_until,
+)
 
 SCRIPTS = {
     "hello.lua": 'function main(env, con) con:header("Content-Type", "text/plain") '

@@ -203,15 +203,13 @@ class ThreadWorker(Worker):
             elif isinstance(event, protocol.Reply):
                 self.dispatch(connection, event.data)
             elif isinstance(event, protocol.Abort):
-                self.abort(connection, event.request_id)
+                self.abort(connection, event)
 
-    def abort(self, connection: Connection, request_id: int) -> None:
-        """ABORT_REQUEST: a request still running ends normally (its END_REQUEST closes it);
-        one that never reached a thread is ended here."""
-        with self.lock:
-            running = connection.busy and connection.request_id == request_id
-        if not running:
-            self.dispatch(connection, protocol.end_request(request_id))
+    def abort(self, connection: Connection, abort: protocol.Abort) -> None:
+        """ABORT_REQUEST: a request that reached the pool ends with its own answer
+        (Lua cannot be stopped half-way); one dropped while being read is ended here."""
+        if not abort.handed_out:
+            self.dispatch(connection, protocol.end_request(abort.request_id))
 
     def dispatch(self, connection: Connection, job: Job) -> None:
         """Hand a request (or bytes to send) to the pool, in order per connection."""
