@@ -275,6 +275,8 @@ class ThreadWorker(Worker):
         assert self.app is not None
         try:
             output = self.app.handle(request, connection.sink, thread_number)
+        except OSError:
+            raise  # the client is gone (a flush failed): do() lets the connection go
         except Exception:
             log.exception("worker %d: internal error answering a request", self.number)
             output = error_page(500, self.settings.headers)

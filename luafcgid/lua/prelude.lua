@@ -1,0 +1,421 @@
+--[[
+The Lua side of one luafcgid state (state.py runs this file once per new state).
+
+It takes one table of options, makes the state safe (no way back into Python, no
+os.exit, no "./" in the package paths), records every Lua file the state loads so
+the cache can see it change, defines `con` and the luafcgid2 globals, runs the
+startup script and the script's top level, and returns `true, run`, or
+`false, message, traceback` when loading failed.
+
+`run(env, body, thread)` serves one request: the whole per-request logic lives here
+so that a request is a single call from Python. It returns the CGI output still to
+send as one string, or `false, message, traceback` when the handler failed. The
+traceback is nil only for a memory error: Lua does not call the message handler then.
+]]
+
+local options = ...
+
+local G = _G
+local type, tostring, tonumber, error, xpcall, rawset = type, tostring, tonumber, error, xpcall, rawset
+local concat = table.concat
+local traceback = debug.traceback
+local loadfile = loadfile
+local io_open = io.open
+
+local script = options.script
+local handler_name = options.handler
+local default_status = options.status
+local default_content_type = options.content_type
+local default_headers = options.headers
+local buffering = options.buffering
+local responses = options.responses
+local config_values = options.config
+local outlet = options.outlet        -- Python: sends output early, returns false once the client is gone
+local log_line = options.log         -- Python: one line to the error log, tagged with the script
+local note_file = options.note       -- Python: stat a Lua file about to be loaded
+local thread_data = options.thread_data  -- Python: script, count, script, count, ...
+
+-- Scripts must not reach Python: lupa's `python` module goes.
+python = nil
+package.loaded.python = nil
+
+-- A script can never end its worker.
+os.exit = function()
+    error("os.exit is disabled in luafcgid", 2)
+end
+
+-- Package paths: the script's directory and the document root first, never "./".
+
+local function without_relative(path)
+    local kept = {}
+    for entry in path:gmatch("[^;]+") do
+        if entry:sub(1, 2) ~= "./" then
+            kept[#kept + 1] = entry
+        end
+    end
+    return concat(kept, ";")
+end
+
+local search_dirs = options.dir .. "/?.lua;" .. options.dir .. "/?/init.lua;"
+if options.docroot ~= "" and options.docroot ~= options.dir then
+    search_dirs = search_dirs .. options.docroot .. "/?.lua;" .. options.docroot .. "/?/init.lua;"
+end
+package.path = search_dirs .. without_relative(package.path)
+package.cpath = without_relative(package.cpath)
+
+-- Lua 5.1 has no package.searchpath; this one answers as 5.1's own searcher would.
+local function searchpath_51(name, path)
+    local file_name = name:gsub("%.", "/")
+    local tried = {}
+    for template in path:gmatch("[^;]+") do
+        local file = template:gsub("%?", file_name)
+        local handle = io_open(file, "rb")
+        if handle then
+            handle:close()
+            return file
+        end
+        tried[#tried + 1] = "\n\tno file '" .. file .. "'"
+    end
+    return nil, concat(tried)
+end
+
+local searchpath = package.searchpath or searchpath_51
+
+-- The Lua file searcher, replaced so that every module file loaded is recorded.
+local searchers = package.searchers or package.loaders
+searchers[2] = function(name)
+    local file, message = searchpath(name, package.path)
+    if not file then
+        return message
+    end
+    note_file(file)
+    local chunk, failure = loadfile(file)
+    if not chunk then
+        error("error loading module '" .. name .. "' from file '" .. file .. "':\n\t" .. failure, 0)
+    end
+    return chunk, file
+end
+
+package.preload.luafcgid = function(...)
+    local chunk, failure = loadfile(options.luafcgid_module)
+    if not chunk then
+        error(failure, 0)
+    end
+    return chunk(...)
+end
+
+-- Per-request response state.
+
+local body, body_count = {}, 0            -- buffered body pieces
+local headers, header_count = {}, 0       -- the script's header lines
+local status, content_type = default_status, default_content_type
+local head_sent = false                   -- the head went out: the response streams
+local streaming = not buffering           -- con:puts sends at once
+local request_body = nil                  -- nil outside a request
+
+local default_prefix = "Status: " .. default_status .. "\r\nContent-Type: "
+    .. default_content_type .. "\r\n" .. default_headers
+
+local function clear(list, count)
+    for i = 1, count do
+        list[i] = nil
+    end
+end
+
+local function take_body()
+    local count = body_count
+    if count == 0 then
+        return ""
+    end
+    local data = count == 1 and body[1] or concat(body, "", 1, count)
+    clear(body, count)
+    body_count = 0
+    return data
+end
+
+-- The head up to the script's headers (no blank line).
+local function head()
+    local start = default_prefix
+    if status ~= default_status or content_type ~= default_content_type then
+        start = "Status: " .. status .. "\r\nContent-Type: " .. content_type .. "\r\n" .. default_headers
+    end
+    local count = header_count
+    if count == 0 then
+        return start
+    end
+    local lines = concat(headers, "", 1, count)
+    clear(headers, count)
+    header_count = 0
+    return start .. lines
+end
+
+local function send(data)
+    if request_body == nil then
+        error("no request is being served: output is sent only while the handler runs", 0)
+    end
+    if not outlet(data) then
+        error("the client connection is closed", 0)
+    end
+end
+
+-- A string argument; numbers are converted, anything else is an error of the caller's caller.
+local function text(value, where)
+    local kind = type(value)
+    if kind == "number" then
+        return tostring(value)
+    end
+    if kind ~= "string" then
+        error(where .. " expects a string or a number, got " .. kind, 3)
+    end
+    return value
+end
+
+local function one_line(value, where)
+    if value:find("[\r\n]") then
+        error(where .. ": line breaks are not allowed in a response head", 3)
+    end
+    return value
+end
+
+local function head_not_sent(where)
+    if head_sent then
+        error(where .. ": the head was already sent (the response streams after con:flush(), "
+            .. "or at the first output with buffering off); set it before any output", 3)
+    end
+end
+
+local function puts(_, s)
+    if type(s) ~= "string" then
+        s = text(s, "con:puts")
+    end
+    if not streaming then
+        body_count = body_count + 1
+        body[body_count] = s
+    elseif head_sent then
+        if s ~= "" then
+            send(s)
+        end
+    else
+        head_sent = true
+        send(head() .. "\r\n" .. s)
+    end
+end
+
+local function flush()
+    local data = take_body()
+    streaming = true
+    if not head_sent then
+        head_sent = true
+        send(head() .. "\r\n" .. data)
+    elseif data ~= "" then
+        send(data)
+    end
+end
+
+local function set_status(_, code)
+    if type(code) == "number" or (type(code) == "string" and code:find("^%d+$")) then
+        code = responses[tonumber(code)] or tostring(code)
+    elseif type(code) ~= "string" then
+        error("con:status expects a status code or a status line, got " .. type(code), 2)
+    end
+    head_not_sent("con:status")
+    status = one_line(code, "con:status")
+end
+
+local function set_content_type(value)
+    value = one_line(text(value, "RespContentType"), "RespContentType")
+    head_not_sent("RespContentType")
+    content_type = value
+end
+
+local function header(_, name, value)
+    if value == nil then
+        local line = text(name, "con:header")
+        name, value = line:match("^%s*([^:]-)%s*:%s*(.-)%s*$")
+        if not name then
+            error('con:header expects (name, value) or a "Name: value" line, got "' .. line .. '"', 2)
+        end
+    else
+        name, value = text(name, "con:header"), text(value, "con:header")
+    end
+    if not name:find("^[%w!#%$%%&'%*%+%-%.%^_`|~]+$") then
+        error('con:header: "' .. name .. '" is not a valid header name', 2)
+    end
+    one_line(value, "con:header")
+    head_not_sent("con:header")
+    local lower = name:lower()
+    if lower == "status" then
+        return set_status(nil, value)
+    elseif lower == "content-type" then
+        content_type = value
+    else
+        header_count = header_count + 1
+        headers[header_count] = name .. ": " .. value .. "\r\n"
+    end
+end
+
+local function reset()
+    clear(body, body_count)
+    body_count = 0
+    if not head_sent then
+        clear(headers, header_count)
+        header_count = 0
+        status, content_type = default_status, default_content_type
+    end
+end
+
+local function gets()
+    return request_body or ""
+end
+
+local function log(_, message)
+    log_line(tostring(message))
+end
+
+local function config(_, name)
+    return config_values[name]
+end
+
+local con = {
+    puts = puts, header = header, status = set_status, gets = gets,
+    flush = flush, reset = reset, log = log, config = config,
+}
+
+-- The luafcgid2 globals. Env and Cookies are set per request, Info.Thread too.
+
+local info = {State = options.state_number, Worker = options.worker_number, Thread = 0}
+local dir = options.dir
+
+Env, Cookies, Info = {}, {}, info
+Config = options.script_config
+Response = responses
+function Send(s) return puts(con, s) end
+function Header(name, value) return header(con, name, value) end
+function Reset() return reset() end
+function Log(s) return log(con, s) end
+function Receive() return gets() end
+function RespStatus(s) return set_status(con, s) end
+function RespContentType(s) return set_content_type(s) end
+function Dir() return dir end
+
+function ThreadData()
+    local flat, counts = {thread_data()}, {}
+    for i = 1, #flat, 2 do
+        counts[flat[i]] = flat[i + 1]
+    end
+    return counts
+end
+
+-- "a=1; b=2" → {a = "1", b = "2"}, as luafcgid2 parses HTTP_COOKIE: pairs separated by
+-- ";" or ",", quoted values unquoted, a name without "=" gets "", the last one wins.
+local function parse_cookies(cookie_header)
+    local cookies = {}
+    for pair in cookie_header:gmatch("[^;,]+") do
+        local name, value = pair:match("^%s*(.-)%s*=%s*(.-)%s*$")
+        if name then
+            value = value:match('^"(.*)"$') or value
+        else
+            name, value = pair:match("^%s*(.-)%s*$"), ""
+        end
+        if name ~= "" then
+            cookies[name] = value
+        end
+    end
+    return cookies
+end
+
+-- Errors: the message handler keeps the traceback aside, so the message stays as it was.
+
+local failure_traceback
+local prelude_file = debug.getinfo(1, "S").short_src
+
+-- The traceback down to the script's frames: what lies below (xpcall, this file) is noise.
+local function script_frames(trace)
+    local stop = trace:find("\n\t[C]: in function 'xpcall'", 1, true)
+    if not stop then
+        return trace
+    end
+    trace = trace:sub(1, stop - 1)
+    local last_line = trace:match(".*()\n\t")
+    if last_line and trace:find(prelude_file, last_line, true) then
+        trace = trace:sub(1, last_line - 1)
+    end
+    return trace
+end
+
+local function on_error(message)
+    failure_traceback = script_frames(traceback("", 2):sub(2))
+    return message
+end
+
+-- xpcall with arguments is not in Lua 5.1: the handler's arguments go through upvalues.
+local handler, handler_env
+
+local function call_handler()
+    handler(handler_env, con)
+end
+
+local function failure(message)
+    local trace = failure_traceback
+    failure_traceback = nil
+    return false, tostring(message), trace
+end
+
+local function run(env, request, thread)
+    body_count, header_count = 0, 0
+    status, content_type = default_status, default_content_type
+    head_sent, streaming = false, not buffering
+    local cookie_header = env.HTTP_COOKIE
+    rawset(G, "Env", env)
+    rawset(G, "Cookies", cookie_header and parse_cookies(cookie_header) or {})
+    info.Thread = thread
+    rawset(G, "Info", info)
+    local found = G[handler_name]
+    if type(found) ~= "function" then
+        return false, "no handler: the global '" .. handler_name .. "' is " .. type(found)
+            .. ", not a function", ""
+    end
+    request_body, handler, handler_env = request, found, env
+    local ok, message = xpcall(call_handler, on_error)
+    request_body, handler, handler_env = nil, nil, nil
+    if not ok then
+        reset()
+        return failure(message)
+    end
+    local data = take_body()
+    if head_sent then
+        return data
+    end
+    if streaming then  -- buffering off and no output: the head alone
+        return head() .. "\r\n"
+    end
+    return head() .. "Content-Length: " .. #data .. "\r\n\r\n" .. data
+end
+
+-- Load: the startup script, then the script's top level.
+
+local function run_file(path)
+    note_file(path)
+    local chunk, message = loadfile(path)
+    if not chunk then
+        return false, message, nil
+    end
+    failure_traceback = nil
+    local ok, err = xpcall(chunk, on_error)
+    if not ok then
+        return failure(err)
+    end
+    return true
+end
+
+if options.startup then
+    local ok, message, trace = run_file(options.startup)
+    if not ok then
+        return false, message, trace
+    end
+end
+local ok, message, trace = run_file(script)
+if not ok then
+    return false, message, trace
+end
+return true, run

@@ -1,0 +1,287 @@
+"""One Lua state: a ``lupa`` runtime loaded with one script, serving one request at a time.
+
+The per-request logic is Lua (``prelude.lua``), so a request is one call from Python
+into Lua. The state holds no Python object that points back at its runtime: the
+objects Lua may call (the outlet for early output, the log, the file recorder, the
+ThreadData source) reference only plain data, a weak reference to the cache, or the
+request's sink while the request runs. A dropped state is thus freed at once by
+reference counting, not left to a reference cycle running through Lua (MEASURED.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import http
+import os
+from math import log1p
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Tuple
+
+from luafcgid.config import ALIASES, KEYS, lua_module
+from luafcgid.log import log
+
+HERE = Path(__file__).resolve().parent
+PRELUDE_PATH = HERE / "prelude.lua"
+PRELUDE_SOURCE = PRELUDE_PATH.read_bytes()
+LUAFCGID_MODULE_PATH = HERE / "luafcgid.lua"
+
+MEMORY_MESSAGE = b"not enough memory"
+
+# A file's identity on disk; None when it could not be stat'ed.
+Signature = Optional[Tuple[int, int, int]]
+
+
+class ScriptError(Exception):
+    """A script failed: at load (syntax / top-level error / startup script) or in the handler
+    (runtime error, no handler function, memory cap).
+
+    ``script`` is the script's path, ``message`` the Lua message, ``traceback`` the Lua
+    traceback ("" when there is none), ``flushed`` says output already went to the client
+    (no clean 500 is possible), ``memory`` says the state exceeded ``state_memory``.
+    """
+
+    def __init__(self, script: str, message: str, traceback: str = "", *,
+                 flushed: bool = False, memory: bool = False) -> None:
+        super().__init__(f"{script}: {message}")
+        self.script = script
+        self.message = message
+        self.traceback = traceback
+        self.flushed = flushed
+        self.memory = memory
+
+
+def signature(path: str) -> Signature:
+    """What changes when a file is edited, replaced or removed."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size, info.st_ino
+
+
+def _lua_data(value: Any) -> Any:
+    """Plain Python data with its strings as bytes: Lua strings once converted."""
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, dict):
+        return {_lua_data(key): _lua_data(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_lua_data(item) for item in value]
+    return value
+
+
+def _visible_config(settings: Any) -> dict:
+    """Every name ``con:config(name)`` answers, with ``settings.lookup``'s answer."""
+    names = {*settings.script_config, *settings.session, *KEYS, *ALIASES}
+    values = {name: settings.lookup(name) for name in names}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _no_attributes(obj: Any, name: Any, is_setting: bool) -> Any:
+    """lupa's attribute filter: Lua never reaches into a Python object."""
+    raise AttributeError("Python objects are opaque to luafcgid scripts")
+
+
+def _note_file(files: List[Tuple[str, Signature]], path: bytes) -> None:
+    """Record a Lua file a state is about to load (stat first: a later edit is then seen)."""
+    name = os.fsdecode(path)
+    files.append((name, signature(name)))
+
+
+def _script_log(script: str, line: bytes) -> None:
+    text = line.decode("utf-8", "replace").replace("\r", "\\r").replace("\n", "\\n")
+    log.info("%s: %s", script, text)
+
+
+class Blueprint:
+    """What every state of one worker has in common, converted for Lua once."""
+
+    def __init__(self, settings: Any, worker_number: int) -> None:
+        self.lua = lua_module(settings.lua)
+        self.max_memory = settings.state_memory or None
+        self.root = settings.root or ""
+        responses = {status.value: f"{status.value} {status.phrase}" for status in http.HTTPStatus}
+        self.options = _lua_data({
+            "handler": settings.handler,
+            "status": settings.httpstatus,
+            "content_type": settings.contenttype,
+            "buffering": settings.buffering,
+            "responses": responses,
+            "script_config": settings.script_config,
+            "config": _visible_config(settings),
+            "worker_number": worker_number,
+        })
+        self.options[b"headers"] = settings.headers
+        self.options[b"luafcgid_module"] = os.fsencode(LUAFCGID_MODULE_PATH)
+        if settings.startup:
+            self.options[b"startup"] = os.fsencode(settings.startup)
+        self.prelude = self._compiled_prelude()
+
+    def _compiled_prelude(self) -> bytes:
+        """prelude.lua as bytecode for this Lua: loading it is 5-30x faster than compiling."""
+        scratch = self.lua.LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
+        dump = scratch.eval("function(source, name) "
+                            "return string.dump(assert((loadstring or load)(source, name))) end")
+        return dump(PRELUDE_SOURCE, b"@" + os.fsencode(PRELUDE_PATH))
+
+
+class _Outlet:
+    """Where Lua sends output early: the request's sink, held only while the request runs.
+
+    A failing sink is not raised into Lua (it would abort the handler with a Python
+    exception stored in the runtime): it is kept in ``error``, Lua gets False and stops
+    the handler, and :meth:`State.run` raises the original exception.
+    """
+
+    __slots__ = ("sink", "sent", "error")
+
+    def __init__(self) -> None:
+        self.sink: Optional[Callable[[bytes], None]] = None
+        self.sent = False
+        self.error: Optional[BaseException] = None
+
+    def __call__(self, data: bytes) -> bool:
+        if self.error is not None:
+            return False
+        self.sent = True
+        try:
+            self.sink(data)
+        except Exception as error:
+            self.error = error
+            return False
+        return True
+
+
+class State:
+    """One Lua runtime loaded with one script (SPEC §2); one request at a time.
+
+    ``hits``, ``last_used``, ``transient`` and ``stale`` belong to the cache.
+    """
+
+    __slots__ = ("script", "number", "hits", "last_used", "transient", "stale", "files",
+                 "_runtime", "_run", "_table_from", "_outlet", "_lua_error", "_memory_error")
+
+    def __init__(self, blueprint: Blueprint, script: str, docroot: str, number: int,
+                 thread_data: Callable[[], tuple]) -> None:
+        """Load ``script``; ``docroot`` (else ``root``) joins its directory in package.path."""
+        docroot = docroot or blueprint.root
+        self.script = script
+        self.number = number
+        self.hits = 0
+        self.last_used = 0.0
+        self.transient = False
+        self.stale = False
+        # Every Lua file loaded (script, startup script, required modules) as on disk then.
+        self.files: List[Tuple[str, Signature]] = []
+        self._outlet = _Outlet()
+        lua = blueprint.lua
+        self._lua_error = lua.LuaError
+        self._memory_error = lua.LuaMemoryError
+        self._runtime = runtime = lua.LuaRuntime(
+            encoding=None, register_eval=False, register_builtins=False,
+            unpack_returned_tuples=True, max_memory=blueprint.max_memory,
+            attribute_filter=_no_attributes)
+        self._table_from = runtime.table_from
+        options = dict(blueprint.options)
+        options.update({
+            b"script": os.fsencode(script),
+            b"dir": os.fsencode(os.path.dirname(script)),
+            b"docroot": os.fsencode(docroot.rstrip("/") or docroot),
+            b"state_number": number,
+            b"outlet": self._outlet,
+            b"log": functools.partial(_script_log, script),
+            b"note": functools.partial(_note_file, self.files),
+            b"thread_data": thread_data,
+        })
+        try:
+            result = runtime.execute(blueprint.prelude,
+                                     runtime.table_from(options, recursive=True))
+        except self._lua_error as error:  # out of memory outside the prelude's xpcall
+            self.close()
+            raise self._error_of(error, flushed=False) from None
+        if not result[0]:
+            self.close()
+            raise self._failure(result[1], result[2], flushed=False)
+        self._run = result[1]
+
+    def run(self, params: dict, body: bytes, sink: Callable[[bytes], None],
+            thread_number: int) -> bytes:
+        """Call the handler once. Returns the CGI output still to send: head + body when
+        nothing was flushed (buffered mode: with Content-Length), or what remains after
+        the last flush. ``sink(data)`` receives CGI output sent early: on con:flush(), and
+        on every con:puts when buffering is off. Raises :class:`ScriptError`, or what the
+        sink raised (the handler is stopped at its next output)."""
+        outlet = self._outlet
+        outlet.sink = sink
+        try:
+            result = self._run(self._table_from(params), body, thread_number)
+        except self._lua_error as error:  # out of memory outside the handler's xpcall
+            result = error
+        finally:
+            outlet.sink = None
+        if outlet.sent:
+            return self._streamed(result)
+        if result.__class__ is bytes:
+            return result
+        raise self._outcome_error(result, flushed=False)
+
+    def _streamed(self, result: Any) -> bytes:
+        outlet = self._outlet
+        failed = outlet.error
+        outlet.sent = False
+        outlet.error = None
+        if failed is not None:
+            raise failed
+        if result.__class__ is bytes:
+            return result
+        raise self._outcome_error(result, flushed=True)
+
+    def _outcome_error(self, result: Any, flushed: bool) -> ScriptError:
+        if isinstance(result, BaseException):
+            return self._error_of(result, flushed)
+        return self._failure(result[1], result[2], flushed)
+
+    def _error_of(self, error: BaseException, flushed: bool) -> ScriptError:
+        if isinstance(error, self._memory_error):
+            return self._failure(MEMORY_MESSAGE, None, flushed)
+        return self._failure(str(error).encode("utf-8", "replace"), b"", flushed)
+
+    def _failure(self, message: bytes, traceback: Optional[bytes], flushed: bool) -> ScriptError:
+        # Lua skips the message handler on memory errors: no traceback means out of memory.
+        memory = traceback is None and message == MEMORY_MESSAGE
+        if memory and self._runtime is not None:
+            # LuaJIT keeps failing allocations until a full collection.
+            self._runtime.gccollect()
+        return ScriptError(self.script, message.decode("utf-8", "replace"),
+                           (traceback or b"").decode("utf-8", "replace"),
+                           flushed=flushed, memory=memory)
+
+    def value(self, now: float) -> float:
+        """How much keeping this state is worth: ``log(1 + hits) / (1 + idle seconds)``.
+
+        Popularity counts logarithmically and age divides it, so a script hot an hour
+        ago is worth less than one used a second ago.
+        """
+        return log1p(self.hits) / (1.0 + max(0.0, now - self.last_used))
+
+    def changed(self, seen: dict) -> bool:
+        """True when a Lua file this state loaded changed on disk (or vanished).
+
+        ``seen`` caches signatures by path within one sweep.
+        """
+        for path, loaded in self.files:
+            current = seen.get(path, seen)
+            if current is seen:
+                current = seen[path] = signature(path)
+            if current is None or current != loaded:
+                return True
+        return False
+
+    def close(self) -> None:
+        """Free the runtime: a full Lua collection, then our references go."""
+        runtime = self._runtime
+        if runtime is None:
+            return
+        self._runtime = self._run = self._table_from = None
+        runtime.gccollect()
+
