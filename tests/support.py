@@ -6,7 +6,7 @@ and every wait is bounded.
 
 from __future__ import annotations
 
-import http.client
+import http.client as httpclient
 import os
 import shutil
 import signal
@@ -75,6 +75,11 @@ def lua_literal(value: object) -> str:
         fields = (f"[{lua_literal(k)}] = {lua_literal(v)}" for k, v in value.items())
         return "{" + ", ".join(fields) + "}"
     raise TypeError(f"no Lua literal for {value!r}")
+
+
+def as_root() -> dict:
+    """Settings that let the tests run workers as root, which CI machines are."""
+    return {"user": "root"} if os.geteuid() == 0 else {}
 
 
 def write_config(path: Path, **settings: object) -> Path:
@@ -250,9 +255,9 @@ class Response:
 
 def http(port: int, path: str, method: str = "GET", body: Optional[bytes] = None,
          headers: Optional[Mapping[str, str]] = None, timeout: float = 30.0,
-         connection: Optional[http.client.HTTPConnection] = None) -> Response:
+         connection: Optional[httpclient.HTTPConnection] = None) -> Response:
     """One HTTP request to nginx on ``port``; reuses ``connection`` when given."""
-    conn = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = connection or httpclient.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request(method, path, body=body, headers=dict(headers or {}))
         reply = conn.getresponse()
@@ -309,7 +314,7 @@ class RequestLoop:
         wait_until(lambda: self.total >= start + requests, timeout, f"{requests} more requests")
 
     def _client(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn = httpclient.HTTPConnection("127.0.0.1", self.port, timeout=30)
         index = 0
         while not self.stopping.is_set() and time.monotonic() < self.deadline:
             path = self.paths[index % len(self.paths)]
@@ -319,9 +324,9 @@ class RequestLoop:
                 outcome = "ok" if self.check(response) else "failed"
                 if outcome == "failed":
                     self._note(f"{path}: {response!r}")
-            except (OSError, http.client.HTTPException) as error:
+            except (OSError, httpclient.HTTPException) as error:
                 conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                conn = httpclient.HTTPConnection("127.0.0.1", self.port, timeout=30)
                 outcome = "failed"
                 self._note(f"{path}: {error!r}")
             with self.lock:
@@ -346,7 +351,7 @@ class Site:
         self.docroot = write_scripts(base / "www", scripts)
         self.listen = str(settings.pop("listen", f"127.0.0.1:{free_port()}"))
         self.settings = {"listen": self.listen, "processes": 1,
-                         "pidfile": str(base / "luafcgid.pid"), **settings}
+                         "pidfile": str(base / "luafcgid.pid"), **as_root(), **settings}
         self.config = write_config(base / "config.lua", **self.settings)
         self.server = Server(self.config, self.listen)
         self.nginx = Nginx(base / "nginx", self.docroot, self.listen, keep_conn=keep_conn,
