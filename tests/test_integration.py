@@ -47,6 +47,17 @@ SCRIPTS = {
             end
             con:puts("second\\n")
         end""",
+    "slow.lua": """
+        function main(env, con)
+            io.open(env.DOCUMENT_ROOT .. "/started." .. env.QUERY_STRING, "w"):close()
+            local flag = env.DOCUMENT_ROOT .. "/go." .. env.QUERY_STRING
+            local deadline = os.time() + 10
+            while os.time() < deadline do
+                local f = io.open(flag)
+                if f then f:close() break end
+            end
+            con:puts("slow done")
+        end""",
     "counter.lua": "hits = 0 function main(env, con) hits = hits + 1 con:puts(hits) end",
     "syntax.lua": "function main(env, con) con:puts('x' end",
     "boom.lua": 'function main(env, con) con:puts("partial") error("kaboom") end',
@@ -237,3 +248,27 @@ def test_script_change_is_picked_up_after_sweep(site):
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     wait_until(lambda: site.get("/changing.lua").body == b"v2", timeout=15,
                what="the changed script to be served")
+
+
+def test_a_slow_script_does_not_hold_up_other_connections(site):
+    """The thread running a long Lua call hands the event loop to another thread."""
+    slow = [socket.create_connection(("127.0.0.1", site.port), timeout=15) for _ in range(2)]
+    try:
+        for number, client in enumerate(slow):
+            client.sendall(f"GET /slow.lua?s{number} HTTP/1.1\r\nHost: x\r\n"
+                           "Connection: close\r\n\r\n".encode())
+        wait_until(lambda: all((site.docroot / f"started.s{n}").exists() for n in range(2)),
+                   what="both slow requests to run")
+        for _ in range(20):
+            started = time.monotonic()
+            assert site.get("/hello.lua", timeout=5).body == b"Hello, world!"
+            assert time.monotonic() - started < 1
+        for number, client in enumerate(slow):
+            (site.docroot / f"go.s{number}").write_text("")
+            reply = b""
+            while chunk := client.recv(4096):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"slow done")
+    finally:
+        for client in slow:
+            client.close()
