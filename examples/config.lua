@@ -37,6 +37,10 @@ timeout = 30
 -- Not /run: the examples run without root.
 pidfile = "/tmp/luafcgid-examples.pid"
 
+-- Started as root, the workers switch to this account (ignored otherwise). The
+-- scripts must be readable by it.
+user = "nobody"
+
 -- Handed to every script as the global `Config`, and readable with con:config(name).
 Config = {
     site_name = "luafcgid examples",

@@ -1,0 +1,72 @@
+"""The bundled examples, served with the bundled config, through nginx."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.support import Nginx, Server, free_port, http
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    base = tmp_path_factory.mktemp("examples")
+    listen = f"127.0.0.1:{free_port()}"
+    config = (EXAMPLES / "config.lua").read_text()
+    config = re.sub(r'(?m)^listen = .*$', f'listen = "{listen}"', config)
+    config = re.sub(r'(?m)^pidfile = .*$', f'pidfile = "{base}/examples.pid"', config)
+    (base / "config.lua").write_text(config)
+    server = Server(base / "config.lua", listen).start()
+    nginx = Nginx(base / "nginx", EXAMPLES, listen).start()
+    yield nginx
+    nginx.stop()
+    server.stop()
+
+
+def get(nginx, path, **kwargs):
+    return http(nginx.port, path, **kwargs)
+
+
+def test_hello(examples):
+    reply = get(examples, "/hello.lua")
+    assert (reply.status, reply.body) == (200, b"Hello, world!\n")
+
+
+def test_env_lists_params_and_query(examples):
+    body = get(examples, "/env.lua?colour=blue&colour=red").body
+    assert b"<th>SCRIPT_FILENAME</th>" in body
+    assert b"colour = blue, red" in body
+
+
+def test_form_posts_to_itself(examples):
+    reply = get(examples, "/form.lua", method="POST", body=b"name=%3Cb%3EAda",
+                headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert b"Hello, &lt;b&gt;Ada!" in reply.body
+
+
+def test_api(examples):
+    reply = get(examples, "/api.lua?id=1")
+    assert reply.header("Content-Type") == "application/json"
+    assert reply.body == b'{"name":"apple","price":1.25}'
+    assert get(examples, "/api.lua?id=9").status == 404
+    assert get(examples, "/api.lua", method="DELETE").status == 405
+
+
+def test_counter_persists(examples):
+    counts = [int(re.search(rb"served (\d+)", get(examples, "/counter.lua").body).group(1))
+              for _ in range(6)]
+    assert max(counts) >= 2  # 2 processes, 1 state each at this load: some state counted twice
+
+
+def test_stream(examples):
+    assert get(examples, "/stream.lua").body == b"".join(b"line %d\n" % i for i in range(1, 6))
+
+
+def test_legacy_globals(examples):
+    reply = get(examples, "/legacy.lua", headers={"Cookie": "theme=dark"})
+    assert reply.header("X-Example") == "luafcgid2"
+    assert b"Method: GET" in reply.body and b"Cookie theme = dark" in reply.body
