@@ -276,6 +276,11 @@ class Connection:
         self._body_size = 0
         self._body_ended = False
 
+    @property
+    def between_requests(self) -> bool:
+        """True when no request and no record is half-read: closing now loses nothing."""
+        return self._request_id == _NO_REQUEST and not self._partial
+
     def receive(self, data: bytes) -> List[Event]:
         """Feed bytes read from the web server, split anywhere; return the events completed."""
         if self._partial:

@@ -499,3 +499,14 @@ def test_fuzz_corrupted_requests(request: tuple, data: st.DataObject) -> None:
     except ProtocolError:
         return
     assert all(isinstance(event, (Request, Abort, Reply)) for event in events)
+
+
+def test_between_requests_is_false_while_a_request_or_record_is_half_read() -> None:
+    conn = connection()
+    assert conn.between_requests
+    conn.receive(begin(1))
+    assert not conn.between_requests
+    conn.receive(encode_record(protocol.PARAMS, 1) + encode_record(protocol.STDIN, 1)[:5])
+    assert not conn.between_requests
+    conn.receive(encode_record(protocol.STDIN, 1)[5:])
+    assert conn.between_requests

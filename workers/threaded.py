@@ -200,7 +200,8 @@ class ThreadWorker(Worker):
             self.stop_accepting()
             self.listener.close()
         self.close_idle()
-        return self.fast_exit or self.busy == 0 or time.monotonic() > self.stop_deadline
+        return (self.fast_exit or (self.busy == 0 and not self.connections)
+                or time.monotonic() > self.stop_deadline)
 
     def ppid_changed(self) -> bool:
         return self.report_fd is not None and self.ppid != os.getppid()
@@ -298,9 +299,15 @@ class ThreadWorker(Worker):
         self.start_accepting()
 
     def close_idle(self) -> None:
-        """While stopping: let go of every connection no thread is answering on."""
+        """While stopping: let go of kept-alive connections that sit between requests.
+
+        A connection that has not carried a request yet stays until it does: nginx
+        retries a request on a failed *cached* connection, but answers 502 when a
+        fresh one is closed under it.
+        """
         for connection in list(self.connections.values()):
-            if not connection.busy:
+            if (not connection.busy and connection.request_id
+                    and connection.parser.between_requests):
                 self.close(connection)
 
     # -- running requests -----------------------------------------------------------------
