@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import pytest
@@ -117,18 +116,10 @@ def test_errors_show_lua_text_only_with_showerrors(www, showerrors):
         assert b"half" not in body
 
 
-def test_error_log_names_script_and_traceback(www):
+def test_error_log_names_script_and_traceback(www, log_lines):
     (www / "boom.lua").write_text('function main(env, con) error("kaboom") end')
-    logger = logging.getLogger("luafcgid")
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger.addHandler(handler)
-    try:
-        make_app().handle(request(str(www / "boom.lua")), lambda data: None, 1)
-    finally:
-        logger.removeHandler(handler)
-    text = "\n".join(record.getMessage() for record in records)
+    make_app().handle(request(str(www / "boom.lua")), lambda data: None, 1)
+    text = "\n".join(log_lines)
     assert "boom.lua" in text and "kaboom" in text and "traceback" in text.lower()
 
 

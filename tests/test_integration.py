@@ -34,28 +34,30 @@ SCRIPTS = {
             con:puts("created")
         end""",
     "notfound.lua": 'function main(env, con) con:status(404) con:puts("no such thing") end',
+    "flags.lua": """
+        -- a module: wait (busy, at most 10 s) until the test creates the file go.<name>
+        return function(env)
+            local flag = env.DOCUMENT_ROOT .. "/go." .. env.QUERY_STRING
+            local deadline = os.time() + 10
+            while os.time() < deadline do
+                local f = io.open(flag)
+                if f then f:close() return end
+            end
+        end""",
     "stream.lua": """
+        local wait_for_flag = require("flags")
         function main(env, con)
             con:header("Content-Type", "text/plain")
             con:puts("first\\n")
             con:flush()
-            local flag = env.DOCUMENT_ROOT .. "/go." .. env.QUERY_STRING
-            local deadline = os.time() + 10
-            while os.time() < deadline do
-                local f = io.open(flag)
-                if f then f:close() break end
-            end
+            wait_for_flag(env)
             con:puts("second\\n")
         end""",
     "slow.lua": """
+        local wait_for_flag = require("flags")
         function main(env, con)
             io.open(env.DOCUMENT_ROOT .. "/started." .. env.QUERY_STRING, "w"):close()
-            local flag = env.DOCUMENT_ROOT .. "/go." .. env.QUERY_STRING
-            local deadline = os.time() + 10
-            while os.time() < deadline do
-                local f = io.open(flag)
-                if f then f:close() break end
-            end
+            wait_for_flag(env)
             con:puts("slow done")
         end""",
     "counter.lua": "hits = 0 function main(env, con) hits = hits + 1 con:puts(hits) end",

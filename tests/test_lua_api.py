@@ -5,7 +5,6 @@ Real lupa runtimes, real script files in tmp_path.
 
 from __future__ import annotations
 
-import logging
 import textwrap
 from pathlib import Path
 from typing import List, Optional
@@ -13,7 +12,6 @@ from typing import List, Optional
 import pytest
 
 from luafcgid.config import from_mapping
-from luafcgid.log import log
 from luafcgid.lua import ScriptError, StateCache
 
 RUNTIMES = ["5.4", "5.1", "luajit"]
@@ -59,24 +57,6 @@ def site(tmp_path):
     yield make
     for each in made:
         each.cache.close()
-
-
-@pytest.fixture
-def log_lines():
-    """Messages logged by luafcgid while the test runs."""
-    lines: List[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    handler = Collect()
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    yield lines
-    log.removeHandler(handler)
-    log.setLevel(level)
 
 
 def response(body: bytes, status: bytes = b"200 OK", content_type: bytes = b"text/html",

@@ -6,7 +6,6 @@ Real lupa runtimes and real files in tmp_path.
 from __future__ import annotations
 
 import gc
-import logging
 import os
 import weakref
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Iterator, List
 import pytest
 
 from luafcgid.config import from_mapping
-from luafcgid.log import log
 from luafcgid.lua import ScriptError, State
 from luafcgid.lua.state import Blueprint, signature
 
@@ -38,23 +36,6 @@ def gc_off() -> Iterator[None]:
     gc.disable()
     yield
     gc.enable()
-
-
-@pytest.fixture
-def log_lines() -> Iterator[List[str]]:
-    lines: List[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    handler = Collect()
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    yield lines
-    log.removeHandler(handler)
-    log.setLevel(level)
 
 
 @pytest.mark.parametrize("lua", ["5.4", "5.1", "luajit"])
