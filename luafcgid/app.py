@@ -3,14 +3,20 @@
 This is the seam between the process side (workers/) and the Lua side (lua/):
 it finds the script a request names, refuses what SPEC §4 refuses, takes a Lua
 state from the cache, runs the handler and maps every failure to its answer.
+
+Requests whose SCRIPT_NAME is the config's ``ping_path`` or ``status_path`` are
+answered here before any script is looked for (php-fpm's ``ping.path`` and
+``pm.status_path``): ``pong``, or the pool's figures (luafcgid.status) as text,
+``?json`` or ``?openmetrics``.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from typing import Callable
+from typing import Callable, Dict, Optional
 
+from luafcgid import status
 from luafcgid.config import Settings
 from luafcgid.log import log
 from luafcgid.lua import ScriptError, StateCache
@@ -38,6 +44,17 @@ class Application:
         # sweep so a moved symlink or a changed root is seen within one heartbeat.
         self.real_paths: dict[bytes, str] = {}
         self.requests = 0
+        # SCRIPT_NAME → the server's own answer; None (one attribute check per request)
+        # when neither ping_path nor status_path is set.
+        answers: Dict[bytes, Callable[[Request], bytes]] = {}
+        if settings.ping_path:
+            answers[settings.ping_path.encode()] = self.pong
+        if settings.status_path:
+            answers[settings.status_path.encode()] = self.status_page
+        self.own_answers: Optional[Dict[bytes, Callable[[Request], bytes]]] = answers or None
+        # This worker's figures now, for the status page; the worker process sets its own
+        # (which knows its busy threads) when it starts serving.
+        self.live_figures: Callable[[], dict] = self.figures
 
     def handle(self, request: Request, sink: Callable[[bytes], None], thread_number: int) -> bytes:
         """CGI output (head and body) still to send for ``request``.
@@ -46,6 +63,10 @@ class Application:
         """
         self.requests += 1
         params = request.params
+        if self.own_answers is not None:
+            answer = self.own_answers.get(params.get(b"SCRIPT_NAME"))
+            if answer is not None:
+                return answer(request)
         filename = params.get(b"SCRIPT_FILENAME")
         if not filename:
             log.error("request without SCRIPT_FILENAME: add "
@@ -119,6 +140,28 @@ class Application:
 
     def error(self, code: int, detail: str) -> bytes:
         return error_page(code, self.settings.headers, detail)
+
+    def pong(self, request: Request) -> bytes:
+        return self.own_page("text/plain", b"pong")
+
+    def status_page(self, request: Request) -> bytes:
+        form = request.params.get(b"QUERY_STRING", b"").decode("latin-1")
+        if form not in status.FORMS:
+            return self.error(400, f"ask for {self.settings.status_path}, ?json or ?openmetrics")
+        content_type, render = status.FORMS[form]
+        figures = status.build(self.settings, status.read_snapshot(self.settings),
+                               self.live_figures())
+        return self.own_page(content_type, render(figures).encode())
+
+    def own_page(self, content_type: str, body: bytes) -> bytes:
+        """A 200 answer of the server's own (never cached: the figures change)."""
+        return (b"Status: 200 OK\r\nContent-Type: " + content_type.encode() + b"\r\n"
+                + self.settings.headers + b"Cache-Control: no-store\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    def figures(self) -> dict:
+        """What this process alone knows of itself (no worker around it)."""
+        return {"pid": os.getpid(), "requests": self.requests, "states": self.states_loaded()}
 
     def sweep(self) -> int:
         """Heartbeat work: forget resolved paths, drop states whose files changed."""

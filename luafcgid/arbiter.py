@@ -15,6 +15,11 @@ is wanted:
   retires by itself (``max_requests``) is replaced as soon as it says so.
 - A stopping worker gets ``graceful_timeout`` to finish, then KILL. A worker that leaves a
   heartbeat unanswered for ``timeout + graceful_timeout`` is hung: KILL, and a replacement.
+- A worker whose report shows a request running past ``timeout + max(5, timeout / 2)`` s
+  (``overrun_limit``) holds one its Lua watchdog could not stop (a long C call such as
+  ``os.execute``): the last resort, logged as an error, is to replace it like a worker
+  over ``max_memory``. The margin leaves the watchdog, which stops a Lua loop within
+  milliseconds of ``timeout``, every chance first.
 
 A worker "boots" when it answers its first heartbeat: until then it is sent USR2 every
 ``BOOT_PING`` s (ignored until the worker installs its own handlers).
@@ -59,6 +64,8 @@ BACKOFF_MAX = 30.0         # ... up to this
 FORK_RETRY = 1.0           # s before trying again when fork() itself fails
 STOP_MARGIN = 1.0          # s past graceful_timeout before KILL: the worker's own deadline first
 FAST_STOP_TIMEOUT = 5.0    # s an INT/QUIT stop waits before KILL
+OVERRUN_MARGIN = 5.0       # s past timeout (at least; timeout / 2 when longer) before a
+                           # worker with a request still running is replaced
 LONGEST_WAIT = 1.0         # s the loop sleeps at most
 
 
@@ -82,7 +89,7 @@ class WorkerProcess:
     listener: socket.socket
     started: float = field(default_factory=time.time)
     booted: bool = False
-    replace: bool = False                   # stop it once its replacement has booted
+    replace: str = ""                       # why to stop it once its replacement has booted
     stop_deadline: Optional[float] = None   # set when it was told to stop (or retires)
     killed: bool = False
     unanswered_since: Optional[float] = None
@@ -446,7 +453,7 @@ class Arbiter:
                 log.info("worker %d (pid %d) uses %.1f MiB, over max_memory (%d MiB): "
                          "replacing it", worker.number, worker.pid, worker.rss / 1048576,
                          self.settings.max_memory)
-                worker.replace = True
+                worker.replace = "over max_memory"
         self.master_rss = rss_of(os.getpid())
         self.status_dirty = True
 
@@ -485,11 +492,24 @@ class Arbiter:
             log.debug("worker %d (pid %d) is serving", worker.number, worker.pid)
             if not self.ready:
                 self.announce_ready()
+        self.check_overrun(worker, figures.get("oldest", 0))
         if figures.get("retiring") and not worker.stopping:
             log.info("worker %d (pid %d) retires after %s requests (max_requests): "
                      "starting its replacement", worker.number, worker.pid,
                      figures.get("requests"))
             worker.stop_deadline = time.monotonic() + self.settings.graceful_timeout + STOP_MARGIN
+
+    def check_overrun(self, worker: WorkerProcess, oldest: float) -> None:
+        """Replace a worker holding a request its watchdog could not stop (rare)."""
+        limit = overrun_limit(self.settings.timeout)
+        if oldest <= limit or worker.replace or worker.stopping:
+            return
+        log.error("worker %d (pid %d) has a request running for %.1f s, past timeout "
+                  "(%g s) + margin: the Lua watchdog could not stop it (a long C call such "
+                  "as os.execute?); replacing the worker. The slow log (slowlog_timeout) "
+                  "names such scripts", worker.number, worker.pid, oldest,
+                  self.settings.timeout)
+        worker.replace = "stuck in a request past timeout"
 
     def close_reports(self, worker: WorkerProcess) -> None:
         if worker.report_fd >= 0:
@@ -503,7 +523,7 @@ class Arbiter:
         booted = sum(1 for w in self.workers.values() if self.counts(w) and w.booted)
         surplus = max(0, booted + len(waiting) - self.processes)
         for worker in sorted(waiting, key=lambda w: (w.generation, w.started))[:surplus]:
-            why = "over max_memory" if worker.replace else "on the previous config"
+            why = worker.replace or "on the previous config"
             log.info("worker %d (pid %d), %s, is replaced: stopping it gracefully",
                      worker.number, worker.pid, why)
             self.stop_worker(worker, signal.SIGTERM,
@@ -658,6 +678,11 @@ class Arbiter:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def overrun_limit(timeout: float) -> float:
+    """Seconds a request may run before its worker is replaced (see the module docstring)."""
+    return timeout + max(OVERRUN_MARGIN, timeout / 2)
 
 
 def bind(settings: Settings) -> socket.socket:

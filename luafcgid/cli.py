@@ -1,26 +1,28 @@
-"""The ``luafcgid`` command: start, stop, reload, status.
+"""The ``luafcgid`` command: start, stop, reload, status, request.
 
 Exit codes, as LSB init scripts expect: 0 ok, 1 failure (bad config, already running,
 could not start), 3 not running (``status``). ``stop`` on a stopped server exits 0.
 Every command finds the running master through the ``pidfile`` of its config.
 ``status`` shows the figures the master keeps in ``<pidfile>.status`` (JSON, replaced
 atomically whenever a worker reports, starts or exits): they are as of the last heartbeat.
+``request`` is a FastCGI client (luafcgid.client): one request, the answer printed, exit 1
+on a 5xx answer or when the server cannot be reached — a health check.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
-from typing import NoReturn, Optional
+from typing import NoReturn, Optional, Tuple
 
 import click
 import psutil
 
-from luafcgid import __version__, config
+from luafcgid import __version__, client, config
 from luafcgid import log as logging_setup
+from luafcgid import status as pool_status
 from luafcgid.arbiter import Arbiter, StartError, status_path
 from luafcgid.config import Settings
 from luafcgid.daemon import run_detached
@@ -125,15 +127,63 @@ def status(config_path: str) -> None:
     if pid is None:
         click.echo("luafcgid is not running")
         sys.exit(EXIT_NOT_RUNNING)
-    try:
-        with open(status_path(settings.pidfile)) as file:
-            figures = json.load(file)
-    except (OSError, ValueError):
-        figures = None
-    if not figures or figures.get("pid") != pid:
+    snapshot = pool_status.read_snapshot(settings)
+    if not snapshot or snapshot.get("pid") != pid:
         click.echo(f"luafcgid is running (pid {pid}); no figures yet")
         return
-    click.echo(format_status(figures))
+    click.echo(pool_status.as_text(pool_status.build(settings, snapshot)), nl=False)
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help=f"The config file: its listen and root  [default: {DEFAULT_CONFIG}, "
+                   "unless --connect is given]")
+@click.option("--connect", "address", metavar="ADDR",
+              help="host:port, [v6]:port or a unix socket path, instead of the config's listen.")
+@click.option("--root", type=click.Path(file_okay=False),
+              help="Document root for a /path target, instead of the config's root.")
+@click.option("-X", "--request", "method", default=None, metavar="METHOD",
+              help="Request method  [default: GET, POST with -d]")
+@click.option("-d", "--data", metavar="BODY",
+              help="Request body; @FILE reads a file, @- standard input.")
+@click.option("-H", "--header", "headers", multiple=True, metavar="'Name: value'",
+              help="A request header (repeatable), sent as HTTP_NAME.")
+@click.option("-i", "--include", is_flag=True, help="Print the response head too.")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait for the connection and for each read.")
+@click.argument("target", metavar="SCRIPT_PATH_OR_URL")
+def request(config_path: Optional[str], address: Optional[str], root: Optional[str],
+            method: Optional[str], data: Optional[str], headers: Tuple[str, ...],
+            include: bool, timeout: float, target: str) -> None:
+    """Send one FastCGI request and print the answer (exit 1 on 5xx or no answer).
+
+    SCRIPT_PATH_OR_URL is a script file (./hello.lua, /srv/www/hello.lua) or, when no
+    such file exists, a URL path with an optional query (/hello.lua?name=x, /ping)
+    resolved against the document root.
+    """
+    if config_path is not None or address is None:
+        settings = load_settings(config_path or DEFAULT_CONFIG)
+        address = address or settings.listen
+        root = root or settings.root
+    body = read_body(data)
+    script_name, filename, query = resolve_target(target, root)
+    params = client.cgi_params(
+        script_name, filename, os.path.abspath(root) if root else None, query,
+        method or ("POST" if data is not None else "GET"), body,
+        parse_headers(headers, body))
+    try:
+        answer = client.request(address, params, body, timeout)
+    except client.ClientError as error:
+        fail(str(error))
+    if answer.stderr:
+        click.echo(answer.stderr.decode("utf-8", "replace"), err=True, nl=False)
+    out = click.get_binary_stream("stdout")
+    if include:
+        out.write(answer.head.replace(b"\r\n", b"\n") + b"\n\n")
+    out.write(answer.body)
+    out.flush()
+    if answer.status >= 500:
+        fail(f"the server answered {answer.status}")
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -190,38 +240,44 @@ def remove_file(path: str) -> None:
         pass
 
 
-def format_status(figures: dict) -> str:
-    now = time.time()
-    lines = [
-        f"luafcgid {__version__}: master pid {figures['pid']}, up "
-        f"{format_duration(now - figures['started'])}, RSS {format_mib(figures['rss'])}",
-        f"config {figures['config']}, listening on {figures['listen']}, "
-        f"{figures['processes']} worker process(es) wanted",
-        f"figures as of {now - figures['updated']:.0f} s ago "
-        f"(heartbeat every {figures['sweep'] / 1000:g} s)",
-        f"{'worker':>6} {'pid':>7} {'RSS':>10} {'requests':>9} {'busy':>5} {'states':>6} "
-        f"{'uptime':>10}  state",
-    ]
-    for worker in figures["workers"]:
-        lines.append(
-            f"{worker['number']:>6} {worker['pid']:>7} {format_mib(worker['rss']):>10} "
-            f"{blank_if_none(worker['requests']):>9} {blank_if_none(worker['busy']):>5} "
-            f"{blank_if_none(worker['states']):>6} "
-            f"{format_duration(now - worker['started']):>10}  {worker['state']}")
-    return "\n".join(lines)
+def resolve_target(target: str, root: Optional[str]) -> Tuple[str, Optional[str], str]:
+    """(SCRIPT_NAME, SCRIPT_FILENAME, QUERY_STRING) for ``request``'s target.
+
+    A relative path or an existing file is a script on disk; anything else starting with
+    "/" is a URL path under ``root`` (no SCRIPT_FILENAME without a root: enough for the
+    ping and status paths, which need no script).
+    """
+    path, _, query = target.partition("?")
+    if not path.startswith("/") or os.path.isfile(path):
+        filename = os.path.abspath(path)
+        base = os.path.abspath(root).rstrip("/") if root else None
+        inside = base is not None and filename.startswith(base + "/")
+        return (filename[len(base):] if inside else filename), filename, query
+    if root is None:
+        return path, None, query
+    return path, os.path.abspath(root).rstrip("/") + path, query
 
 
-def format_mib(size: Optional[int]) -> str:
-    return f"{size / 1048576:.1f} MiB" if size else "-"
+def read_body(data: Optional[str]) -> bytes:
+    if data is None:
+        return b""
+    if not data.startswith("@"):
+        return data.encode()
+    if data == "@-":
+        return click.get_binary_stream("stdin").read()
+    try:
+        with open(data[1:], "rb") as file:
+            return file.read()
+    except OSError as error:
+        fail(f"{data[1:]}: {error.strerror}")
 
 
-def blank_if_none(value: object) -> str:
-    return "-" if value is None else str(value)
-
-
-def format_duration(seconds: float) -> str:
-    minutes, secs = divmod(int(max(0.0, seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    clock = f"{hours}:{minutes:02d}:{secs:02d}"
-    return f"{days}d {clock}" if days else clock
+def parse_headers(lines: Tuple[str, ...], body: bytes) -> dict:
+    """-H lines → name: value; a body gets curl's default Content-Type."""
+    headers = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            fail(f"-H {line!r}: expected 'Name: value'")
+        headers[name.strip()] = value.strip()
+    return headers

@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import lupa.lua54
 
-from luafcgid.log import LEVELS, log
+from luafcgid.log import DEFAULT_ACCESS_FORMAT, LEVELS, check_access_format, log
 
 
 class ConfigError(Exception):
@@ -401,6 +401,23 @@ def lua_version(value: Any, config_dir: str) -> str:
     return name
 
 
+def uri_path(value: Any, config_dir: str) -> Optional[str]:
+    """A URL path such as ``"/status"`` (matched against SCRIPT_NAME); ``""`` means off."""
+    text = string(value, config_dir)
+    if not text:
+        return None
+    if not text.startswith("/") or any(c in text for c in "?# \r\n"):
+        raise Invalid(f'expected a URL path such as "/status", got {text!r}')
+    return text
+
+
+def access_format(value: Any, config_dir: str) -> str:
+    try:
+        return check_access_format(one_line(value, config_dir))
+    except ValueError as error:
+        raise Invalid(str(error)) from None
+
+
 # --- the key table ---------------------------------------------------------------------------
 
 KEYS: Dict[str, Tuple[Check, Any]] = {
@@ -438,6 +455,12 @@ KEYS: Dict[str, Tuple[Check, Any]] = {
     "max_requests_jitter": (integer(0), 0),
     "max_memory": (integer(0), 0),
     "state_memory": (integer(0), 0),
+    "slowlog": (optional_path, None),
+    "slowlog_timeout": (number(0, inclusive=True), 0.0),
+    "status_path": (uri_path, None),
+    "ping_path": (uri_path, None),
+    "access_log": (optional_path, None),
+    "access_log_format": (access_format, DEFAULT_ACCESS_FORMAT),
     "loglevel": (one_of(tuple(LEVELS)), "info"),
     "lua": (lua_version, "5.4"),
 }
@@ -528,6 +551,12 @@ class Settings:
     max_requests_jitter: int
     max_memory: int
     state_memory: int
+    slowlog: Optional[str]
+    slowlog_timeout: float
+    status_path: Optional[str]
+    ping_path: Optional[str]
+    access_log: Optional[str]
+    access_log_format: str
     loglevel: str
     lua: str
     session: dict

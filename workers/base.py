@@ -11,7 +11,8 @@ Signals from the master:
                (up to ``graceful_timeout``), exit
     INT, QUIT  fast stop
     USR1       reopen log files
-    USR2       heartbeat: sweep changed scripts, report figures to the master
+    USR2       heartbeat: sweep changed scripts, report figures to the master (among
+               them the age of the oldest running request, see :meth:`Worker.figures`)
 """
 
 from __future__ import annotations
@@ -136,9 +137,12 @@ class Worker:
         self.report()
 
     def figures(self) -> dict:
+        """``oldest``: seconds the longest-running request has run (0 when none): the
+        master replaces a worker whose request overran ``timeout`` (arbiter.py)."""
         assert self.app is not None
         return {"pid": self.pid, "requests": self.app.requests, "busy": self.busy_threads(),
-                "states": self.app.states_loaded()}
+                "states": self.app.states_loaded(),
+                "oldest": round(self.app.cache.oldest_running(), 3)}
 
     def busy_threads(self) -> int:
         return 0

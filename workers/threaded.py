@@ -31,7 +31,7 @@ import time
 from typing import Optional, Union
 
 from luafcgid import protocol
-from luafcgid.log import log
+from luafcgid.log import AccessLog, log, open_access_log
 from luafcgid.response import error_page
 from luafcgid.workers.base import Worker
 
@@ -51,7 +51,8 @@ Job = Union[protocol.Request, bytes]
 class Connection:
     """One client connection: its socket, its record parser, and who holds it."""
 
-    __slots__ = ("sock", "parser", "busy", "pending", "closed", "request_id", "send_timeout")
+    __slots__ = ("sock", "parser", "busy", "pending", "closed", "request_id", "send_timeout",
+                 "head", "streamed")
 
     def __init__(self, sock: socket.socket, parser: protocol.Connection,
                  send_timeout: float) -> None:
@@ -62,6 +63,8 @@ class Connection:
         self.closed = False        # the loop dropped it while busy: the thread closes it
         self.request_id = 0
         self.send_timeout = send_timeout
+        self.head = b""            # with an access log: the first output flushed early ...
+        self.streamed = 0          # ... and how many bytes were flushed early in all
 
     def send(self, data: bytes) -> None:
         send_all(self.sock, data, self.send_timeout)
@@ -69,6 +72,14 @@ class Connection:
     def sink(self, data: bytes) -> None:
         """Where a script's flushed output goes: STDOUT records, sent now."""
         if data:
+            self.send(protocol.stdout_records(self.request_id, data))
+
+    def logged_sink(self, data: bytes) -> None:
+        """:meth:`sink` that also notes what the access log needs (used only with one)."""
+        if data:
+            if not self.streamed:
+                self.head = data
+            self.streamed += len(data)
             self.send(protocol.stdout_records(self.request_id, data))
 
 
@@ -108,6 +119,12 @@ class ThreadWorker(Worker):
         self.busy = 0              # connections with a request queued or running
         self.accepting = False
         self.stop_deadline: Optional[float] = None
+        self.access_log: Optional[AccessLog] = None
+        if self.settings.access_log:
+            self.access_log = open_access_log(self.settings.access_log,
+                                              self.settings.access_log_format, self.number)
+        assert self.app is not None
+        self.app.live_figures = self.figures  # the status page's figures of this worker
         self.listener.setblocking(False)
         self.selector.register(self.signal_read_fd, selectors.EVENT_READ, "signals")
         self.start_accepting()
@@ -342,21 +359,46 @@ class ThreadWorker(Worker):
         request_id = request.request_id
         connection.request_id = request_id
         assert self.app is not None
+        access_log = self.access_log
+        if access_log is None:
+            sink = connection.sink
+        else:
+            sink = connection.logged_sink
+            connection.streamed = 0
+            started = time.perf_counter()
+        output = b""
         try:
-            output = self.app.handle(request, connection.sink, thread_number)
-        except OSError:
-            raise  # the client is gone (a flush failed): do() lets the connection go
-        except Exception:
-            log.exception("worker %d: internal error answering a request", self.number)
-            output = error_page(500, self.settings.headers)
-        connection.send(protocol.stdout_records(request_id, output)
-                        + protocol.end_request(request_id))
+            try:
+                output = self.app.handle(request, sink, thread_number)
+            except OSError:
+                raise  # the client is gone (a flush failed): do() lets the connection go
+            except Exception:
+                log.exception("worker %d: internal error answering a request", self.number)
+                output = error_page(500, self.settings.headers)
+            connection.send(protocol.stdout_records(request_id, output)
+                            + protocol.end_request(request_id))
+        finally:
+            if access_log is not None:  # the line is written for a lost client too
+                log_access(access_log, request, connection, output,
+                           time.perf_counter() - started)
         if not request.keep_conn:
             shut_down(connection.sock)
         self.request_done()
 
     def busy_threads(self) -> int:
         return self.busy
+
+
+def log_access(access_log: AccessLog, request: protocol.Request, connection: Connection,
+               output: bytes, duration: float) -> None:
+    """The access log's line: status from the head's first line ("Status: NNN ...", which
+    every response starts with), bytes = what was sent past the head."""
+    head = connection.head if connection.streamed else output
+    status = int(head[8:11]) if head.startswith(b"Status: ") and head[8:11].isdigit() else 0
+    head_end = head.find(b"\r\n\r\n")
+    sent = connection.streamed + len(output)
+    body_bytes = sent - head_end - 4 if head_end >= 0 else sent
+    access_log.write(request.params, status, body_bytes, duration)
 
 
 def shut_down(sock: socket.socket) -> None:

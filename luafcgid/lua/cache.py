@@ -56,7 +56,7 @@ class StateCache:
         self._idle: Dict[str, List[State]] = {}
         self._count: Dict[str, int] = {}  # kept states per script: idle, busy and loading
         self._total = 0
-        self._busy: Set[State] = set()  # kept states lent to a request
+        self._busy: Set[State] = set()  # states lent to a request, transient ones too
         self._closed = False
         self._numbers = count(1)
         self._thread_data = functools.partial(_thread_data, weakref.ref(self))
@@ -87,14 +87,12 @@ class StateCache:
 
     def release(self, state: State, discard: bool = False) -> None:
         """Give ``state`` back; ``discard`` drops it (after a memory error, say)."""
-        if state.transient:
-            state.close()
-            return
         with self._lock:
             self._busy.discard(state)
-            drop = discard or state.stale or self._closed
+            drop = state.transient or discard or state.stale or self._closed
             if drop:
-                self._uncount(state.script)
+                if not state.transient:  # a transient state was never counted
+                    self._uncount(state.script)
             else:
                 state.last_used = self._clock()
                 self._idle.setdefault(state.script, []).append(state)
@@ -129,6 +127,15 @@ class StateCache:
         """Script path → number of states held (luafcgid2's ThreadData())."""
         with self._lock:
             return dict(self._count)
+
+    def oldest_running(self) -> float:
+        """Seconds the longest-running request of this worker has run; 0.0 when none runs.
+
+        The master replaces a worker whose figure overran ``timeout`` (a C call the
+        watchdog cannot stop)."""
+        now = time.time()
+        with self._lock:
+            return max((state.running_for(now) for state in self._busy), default=0.0)
 
     def __len__(self) -> int:
         return self._total
@@ -207,10 +214,9 @@ class StateCache:
             raise
         state.hits = 1
         state.transient = not kept
-        if kept:
-            with self._lock:
-                self._busy.add(state)
-        else:
+        with self._lock:
+            self._busy.add(state)
+        if not kept:
             log.debug("%s: every state busy or the cache full, state %d is transient",
                       script, state.number)
         return state

@@ -7,10 +7,12 @@ the cache can see it change, defines `con` and the luafcgid2 globals, runs the
 startup script and the script's top level, and returns `true, run`, or
 `false, message, traceback` when loading failed.
 
-`run(env, body, thread)` serves one request: the whole per-request logic lives here
-so that a request is a single call from Python. It returns the CGI output still to
-send as one string, or `false, message, traceback` when the handler failed. The
-traceback is nil only for a memory error: Lua does not call the message handler then.
+`run(env, body, thread, started)` serves one request (`started`: the wall clock at its
+start): the whole per-request logic lives here so that a request is a single call from
+Python. It returns the CGI output still to send as one string, or
+`false, message, traceback` when the handler failed, with a fourth value, the seconds
+run, when the watchdog stopped it (`timeout`). The traceback is nil only for a memory
+error: Lua does not call the message handler then.
 ]]
 
 local options = ...
@@ -34,6 +36,8 @@ local outlet = options.outlet        -- Python: sends output early, returns fals
 local log_line = options.log         -- Python: one line to the error log, tagged with the script
 local note_file = options.note       -- Python: stat a Lua file about to be loaded
 local thread_data = options.thread_data  -- Python: script, count, script, count, ...
+local clock = options.clock          -- Python: the wall clock, seconds (float)
+local report_slow = options.slow     -- Python: (uri, elapsed, traceback) to the slow log
 
 -- Scripts must not reach Python: lupa's `python` module goes.
 python = nil
@@ -348,6 +352,91 @@ local function on_error(message)
     return message
 end
 
+-- The watchdog: a count hook on every Lua thread of the state (state.py says why this
+-- design). Every `hook_count` instructions it compares os.time() (a cheap C call, whole
+-- seconds) with the next deadline's second, and only within that last second asks the
+-- Python clock. Past `timeout` it errors, then keeps erroring on every instruction of
+-- the script (not of this file) so no pcall can swallow it; past `slowlog_timeout` it
+-- hands one traceback, taken here inside the running state, to the slow log.
+
+local sethook, getinfo, os_time, floor, huge = debug.sethook, debug.getinfo, os.time,
+    math.floor, math.huge
+local format = string.format
+local timeout = options.timeout
+local slowlog_timeout = options.slowlog_timeout   -- nil: no slow log
+local hook_count = options.hook_count
+local prelude_source = debug.getinfo(1, "S").source
+local started, deadline, slow_at, check_from = 0, huge, huge, huge
+local timed_out, elapsed = false, 0
+local request_uri
+local timeout_message, timeout_trace
+
+local function arm(start, uri)
+    started, request_uri, timed_out = start, uri, false
+    deadline = start + timeout
+    slow_at = slowlog_timeout and start + slowlog_timeout or huge
+    check_from = floor(deadline < slow_at and deadline or slow_at)
+end
+
+local function watchdog()
+    if timed_out then
+        if getinfo(2, "S").source ~= prelude_source then
+            error(timeout_message, 0)
+        end
+        return
+    end
+    if os_time() < check_from then
+        return
+    end
+    local now = clock()
+    if now >= deadline then
+        timed_out, elapsed = true, now - started
+        timeout_message = format("timeout: the handler ran for %.3f s (timeout = %g s)",
+            elapsed, timeout)
+        -- Taken here: in the thread that overran (a coroutine's frames are lost once the
+        -- error leaves it), without the watchdog's own frames.
+        timeout_trace = script_frames(traceback("", 2):sub(2))
+        sethook(watchdog, "", 1)
+        error(timeout_message, 0)
+    end
+    if now >= slow_at then
+        slow_at = huge
+        check_from = floor(deadline)
+        report_slow(request_uri, now - started, script_frames(traceback("", 2):sub(2)))
+    end
+end
+
+-- Coroutines do not inherit a Lua hook: each one sets its own as it starts.
+local function watched(f)
+    if type(f) ~= "function" then
+        return f  -- create/wrap refuse it with their own message
+    end
+    return function(...)
+        sethook(watchdog, "", hook_count)
+        return f(...)
+    end
+end
+
+-- hook_count 0: no watchdog at all (scripts/bench_hooks measures what it costs).
+if hook_count > 0 then
+    local coroutine_create, coroutine_wrap = coroutine.create, coroutine.wrap
+    coroutine.create = function(f) return coroutine_create(watched(f)) end
+    coroutine.wrap = function(f) return coroutine_wrap(watched(f)) end
+    -- LuaJIT never runs hooks in compiled code: the interpreter keeps the watchdog awake.
+    if jit then
+        jit.off()
+        jit.flush()
+    end
+    sethook(watchdog, "", hook_count)
+end
+
+-- After a timeout the state is dropped: its hook goes, so its last collection runs freely.
+local function timeout_failure()
+    sethook()
+    failure_traceback = nil
+    return false, timeout_message, timeout_trace, elapsed
+end
+
 -- xpcall with arguments is not in Lua 5.1: the handler's arguments go through upvalues.
 local handler, handler_env
 
@@ -361,7 +450,8 @@ local function failure(message)
     return false, tostring(message), trace
 end
 
-local function run(env, request, thread)
+local function run(env, request, thread, start)
+    arm(start, env.REQUEST_URI)
     body_count, header_count = 0, 0
     status, content_type = default_status, default_content_type
     head_sent, streaming = false, not buffering
@@ -378,6 +468,10 @@ local function run(env, request, thread)
     request_body, handler, handler_env = request, found, env
     local ok, message = xpcall(call_handler, on_error)
     request_body, handler, handler_env = nil, nil, nil
+    if timed_out then
+        reset()
+        return timeout_failure()
+    end
     if not ok then
         reset()
         return failure(message)
@@ -402,20 +496,27 @@ local function run_file(path)
     end
     failure_traceback = nil
     local ok, err = xpcall(chunk, on_error)
+    if timed_out then
+        return timeout_failure()
+    end
     if not ok then
         return failure(err)
     end
     return true
 end
 
+-- Loading runs under the same timeout; a slow load is not a request: no slow log entry.
+arm(clock(), nil)
+slow_at, check_from = huge, floor(deadline)
+
 if options.startup then
-    local ok, message, trace = run_file(options.startup)
+    local ok, message, trace, seconds = run_file(options.startup)
     if not ok then
-        return false, message, trace
+        return false, message, trace, seconds
     end
 end
-local ok, message, trace = run_file(script)
+local ok, message, trace, seconds = run_file(script)
 if not ok then
-    return false, message, trace
+    return false, message, trace, seconds
 end
 return true, run

@@ -6,6 +6,33 @@ objects Lua may call (the outlet for early output, the log, the file recorder, t
 ThreadData source) reference only plain data, a weak reference to the cache, or the
 request's sink while the request runs. A dropped state is thus freed at once by
 reference counting, not left to a reference cycle running through Lua (MEASURED.md).
+
+The watchdog (``timeout``, ``slowlog_timeout``). lupa cannot interrupt a running Lua
+call, and calling into a runtime from another thread waits for the handler to return,
+so the only thing that can stop a handler is the handler's own state: a Lua count hook
+(``prelude.lua``), set on the state's main thread once at load and on every coroutine as
+it starts (coroutines do not inherit Lua hooks). Every ``HOOK_COUNT`` instructions it
+compares ``os.time()`` (whole seconds, a C call: no Python, no GIL) with the second of
+the next deadline, and only within that last second calls the Python clock; so a normal
+request never calls back into Python, and no watchdog thread is needed. Past ``timeout``
+it raises, then raises again on every instruction of the script (so a ``pcall`` loop
+dies too); the request gets the timeout :class:`ScriptError` and the state is dropped
+(its globals may be half-updated). Past ``slowlog_timeout`` it takes
+``debug.traceback()`` once, inside the state, for the slow log.
+
+Costs (``scripts/bench_hooks``, µs per request, noisy 2-core machine): +0.2-0.7 µs per
+request on 5.1/5.4/5.5, +1 µs on LuaJIT. Lua 5.1 runs Lua code at full speed with the
+hook. Lua 5.4/5.5 trap every instruction whenever any hook is set, whatever the count:
+CPU-bound Lua code (fib) runs 2.2-2.6x slower, a page built with string.format and
+table.concat (C work) ~1.05x. LuaJIT never runs hooks in compiled code, so its states
+run with ``jit.off()``: 1.7x on the page, 5x on fib, still faster than Lua 5.4 without
+a hook. Setting the hook from another thread only when a deadline passes (what lua.c
+does on SIGINT) would cost nothing, but ``lua_sethook`` walks the running thread's call
+stack and is safe only from a signal handler on that thread, which Python cannot give:
+not done. What no hook can stop (a long C call such as ``os.execute``, a script that
+removes the hook with ``debug.sethook()``) is left to the master, which replaces a
+worker whose oldest request (:meth:`StateCache.oldest_running`, from
+:meth:`State.running_for`) overran ``timeout`` by a margin (``arbiter.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +40,14 @@ from __future__ import annotations
 import functools
 import http
 import os
+import time
 from math import log1p
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
 from luafcgid.config import ALIASES, KEYS, lua_module
 from luafcgid.log import log
+from luafcgid.lua import slowlog
 
 HERE = Path(__file__).resolve().parent
 PRELUDE_PATH = HERE / "prelude.lua"
@@ -26,6 +55,8 @@ PRELUDE_SOURCE = PRELUDE_PATH.read_bytes()
 LUAFCGID_MODULE_PATH = HERE / "luafcgid.lua"
 
 MEMORY_MESSAGE = b"not enough memory"
+# Instructions between two watchdog looks: one look is an os.time() call, ~0.1 us.
+HOOK_COUNT = 1000
 
 # A file's identity on disk; None when it could not be stat'ed.
 Signature = Optional[Tuple[int, int, int]]
@@ -37,17 +68,21 @@ class ScriptError(Exception):
 
     ``script`` is the script's path, ``message`` the Lua message, ``traceback`` the Lua
     traceback ("" when there is none), ``flushed`` says output already went to the client
-    (no clean 500 is possible), ``memory`` says the state exceeded ``state_memory``.
+    (no clean 500 is possible), ``memory`` says the state exceeded ``state_memory``,
+    ``timeout`` that the watchdog stopped it after ``elapsed`` seconds (``timeout``).
     """
 
     def __init__(self, script: str, message: str, traceback: str = "", *,
-                 flushed: bool = False, memory: bool = False) -> None:
+                 flushed: bool = False, memory: bool = False,
+                 elapsed: Optional[float] = None) -> None:
         super().__init__(f"{script}: {message}")
         self.script = script
         self.message = message
         self.traceback = traceback
         self.flushed = flushed
         self.memory = memory
+        self.timeout = elapsed is not None
+        self.elapsed = elapsed
 
 
 def signature(path: str) -> Signature:
@@ -110,7 +145,12 @@ class Blueprint:
             "script_config": settings.script_config,
             "config": _visible_config(settings),
             "worker_number": worker_number,
+            "timeout": settings.timeout,
+            "hook_count": HOOK_COUNT,
         })
+        if settings.slowlog_timeout:
+            self.options[b"slowlog_timeout"] = settings.slowlog_timeout
+            slowlog.open_log(settings.slowlog)
         self.options[b"headers"] = settings.headers
         self.options[b"luafcgid_module"] = os.fsencode(LUAFCGID_MODULE_PATH)
         if settings.startup:
@@ -159,7 +199,8 @@ class State:
     """
 
     __slots__ = ("script", "number", "hits", "last_used", "transient", "stale", "files",
-                 "_runtime", "_run", "_table_from", "_outlet", "_lua_error", "_memory_error")
+                 "started", "_runtime", "_run", "_table_from", "_outlet", "_lua_error",
+                 "_memory_error")
 
     def __init__(self, blueprint: Blueprint, script: str, docroot: str, number: int,
                  thread_data: Callable[[], tuple]) -> None:
@@ -171,6 +212,7 @@ class State:
         self.last_used = 0.0
         self.transient = False
         self.stale = False
+        self.started = 0.0  # wall clock at the start of the running request; 0.0: idle
         # Every Lua file loaded (script, startup script, required modules) as on disk then.
         self.files: List[Tuple[str, Signature]] = []
         self._outlet = _Outlet()
@@ -192,6 +234,8 @@ class State:
             b"log": functools.partial(_script_log, script),
             b"note": functools.partial(_note_file, self.files),
             b"thread_data": thread_data,
+            b"clock": time.time,
+            b"slow": functools.partial(slowlog.record, script),
         })
         try:
             result = runtime.execute(blueprint.prelude,
@@ -201,7 +245,7 @@ class State:
             raise self._error_of(error, flushed=False) from None
         if not result[0]:
             self.close()
-            raise self._failure(result[1], result[2], flushed=False)
+            raise self._outcome_error(result, flushed=False)
         self._run = result[1]
 
     def run(self, params: dict, body: bytes, sink: Callable[[bytes], None],
@@ -213,12 +257,14 @@ class State:
         sink raised (the handler is stopped at its next output)."""
         outlet = self._outlet
         outlet.sink = sink
+        self.started = started = time.time()
         try:
-            result = self._run(self._table_from(params), body, thread_number)
+            result = self._run(self._table_from(params), body, thread_number, started)
         except self._lua_error as error:  # out of memory outside the handler's xpcall
             result = error
         finally:
             outlet.sink = None
+            self.started = 0.0
         if outlet.sent:
             return self._streamed(result)
         if result.__class__ is bytes:
@@ -239,14 +285,18 @@ class State:
     def _outcome_error(self, result: Any, flushed: bool) -> ScriptError:
         if isinstance(result, BaseException):
             return self._error_of(result, flushed)
-        return self._failure(result[1], result[2], flushed)
+        elapsed = result[3] if len(result) > 3 else None
+        if elapsed is not None:  # the watchdog stopped it: drop the state, cut anywhere
+            self.stale = True
+        return self._failure(result[1], result[2], flushed, elapsed)
 
     def _error_of(self, error: BaseException, flushed: bool) -> ScriptError:
         if isinstance(error, self._memory_error):
             return self._failure(MEMORY_MESSAGE, None, flushed)
         return self._failure(str(error).encode("utf-8", "replace"), b"", flushed)
 
-    def _failure(self, message: bytes, traceback: Optional[bytes], flushed: bool) -> ScriptError:
+    def _failure(self, message: bytes, traceback: Optional[bytes], flushed: bool,
+                 elapsed: Optional[float] = None) -> ScriptError:
         # Lua skips the message handler on memory errors: no traceback means out of memory.
         memory = traceback is None and message == MEMORY_MESSAGE
         if memory and self._runtime is not None:
@@ -254,7 +304,12 @@ class State:
             self._runtime.gccollect()
         return ScriptError(self.script, message.decode("utf-8", "replace"),
                            (traceback or b"").decode("utf-8", "replace"),
-                           flushed=flushed, memory=memory)
+                           flushed=flushed, memory=memory, elapsed=elapsed)
+
+    def running_for(self, now: float) -> float:
+        """Seconds the running request has run at wall clock ``now``; 0.0 when idle."""
+        started = self.started
+        return now - started if started else 0.0
 
     def value(self, now: float) -> float:
         """How much keeping this state is worth: ``log(1 + hits) / (1 + idle seconds)``.

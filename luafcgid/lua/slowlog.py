@@ -1,0 +1,52 @@
+"""The slow log (``slowlog``, ``slowlog_timeout``): one entry per request that runs too long.
+
+The Lua watchdog (``prelude.lua``) takes the traceback inside the running state when a
+request passes ``slowlog_timeout`` and calls :func:`record`; the request keeps running.
+Entries go to the ``luafcgid.slow`` logger: to the ``slowlog`` file when one is set, else
+to the error log. The file handler is a ``WatchedFileHandler``: it reopens the file when
+logrotate moved it, with no signal needed (entries are rare, so its stat per entry is free).
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import time
+from typing import Optional
+
+from luafcgid.log import log
+
+slow_log = logging.getLogger("luafcgid.slow")
+ENTRY_FORMAT = "%(message)s"
+
+
+def open_log(path: Optional[str]) -> None:
+    """Send slow log entries to ``path``; None: to the error log."""
+    for handler in list(slow_log.handlers):
+        slow_log.removeHandler(handler)
+        handler.close()
+    slow_log.setLevel(logging.WARNING)
+    slow_log.propagate = True
+    if path is None:
+        return
+    try:
+        handler = logging.handlers.WatchedFileHandler(path, mode="a", encoding="utf-8")
+    except OSError as error:
+        # A worker that cannot write its slow log still serves.
+        log.error("cannot open the slow log %s (%s): slow requests go to the error log; "
+                  "check the path and that the workers' user may write it", path,
+                  error.strerror)
+        return
+    handler.setFormatter(logging.Formatter(ENTRY_FORMAT))
+    slow_log.addHandler(handler)
+    slow_log.propagate = False
+
+
+def record(script: str, uri: Optional[bytes], elapsed: float, traceback: bytes) -> None:
+    """One entry: time, pid, script, URI, elapsed seconds, then the Lua traceback."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    where = os.fsdecode(uri) if uri else "-"
+    slow_log.warning("%s [pid %d] slow request: script %s, uri %s, running for %.3f s\n%s",
+                     stamp, os.getpid(), script, where, elapsed,
+                     traceback.decode("utf-8", "replace"))

@@ -1,0 +1,217 @@
+"""The handler timeout (SPEC §4): the Lua watchdog stops runaways inside the state, the
+state is dropped and its worker keeps serving; the memory cap end to end; the master
+replaces a worker stuck in a call no hook can stop.
+
+Real lupa runtimes (5.4, 5.1, LuaJIT), real servers behind a private nginx.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from luafcgid.arbiter import overrun_limit
+from luafcgid.config import from_mapping
+from luafcgid.lua import ScriptError, StateCache
+from tests.support import Site, wait_until
+
+RUNTIMES = ("5.4", "5.1", "luajit")
+TIMEOUT = 0.3
+# How late the watchdog may stop a loop on a loaded test machine.
+MARGIN = 1.0
+
+# Reads the worker's pid from /proc: "the same worker" is the same pid.
+PID = """
+function main(env, con)
+  local stat = io.open("/proc/self/stat"):read("*l")
+  con:puts(stat:match("^(%d+)"))
+end
+"""
+
+RUNAWAYS = {
+    "while.lua": "function main(env, con) while true do end end",
+    # Swallows every error, the watchdog's included.
+    "pcall.lua": """
+function main(env, con)
+  while true do
+    pcall(function() while true do end end)
+  end
+end
+""",
+    "coroutine.lua": """
+function main(env, con)
+  local co = coroutine.create(function() while true do end end)
+  coroutine.resume(co)
+  con:puts("the loop ended?")
+end
+""",
+    "wrap.lua": """
+function main(env, con)
+  local step = coroutine.wrap(function()
+    while true do pcall(coroutine.yield) end
+  end)
+  while true do step() end
+end
+""",
+    "toplevel.lua": "while true do end\nfunction main(env, con) con:puts('never') end",
+}
+
+
+def write(directory: Path, name: str, source: str) -> str:
+    path = directory / name
+    path.write_text(source)
+    return str(path)
+
+
+def run(cache: StateCache, script: str) -> bytes:
+    """Serve one request in a thread, so that a watchdog that failed fails the test instead
+    of hanging it (the runaway thread is left spinning: nothing can stop it)."""
+    outcome: List[object] = []
+
+    def request() -> bytes:
+        state = cache.acquire(script, "")
+        try:
+            return state.run({b"REQUEST_URI": b"/x"}, b"", bytes, 1)
+        finally:
+            cache.release(state)
+
+    def serve() -> None:
+        try:
+            outcome.append(request())
+        except BaseException as error:
+            outcome.append(error)
+
+    worker = threading.Thread(target=serve, daemon=True)
+    worker.start()
+    worker.join(TIMEOUT + MARGIN + 5)
+    assert outcome, f"{script} was not stopped"
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+@pytest.mark.parametrize("lua", RUNTIMES)
+def test_watchdog_stops_every_runaway_and_the_cache_serves_on(tmp_path: Path, lua: str) -> None:
+    cache = StateCache(from_mapping({"lua": lua, "timeout": TIMEOUT}))
+    ok = write(tmp_path, "ok.lua", 'function main(env, con) con:puts("fine") end')
+    assert run(cache, ok).endswith(b"fine")
+    for name, source in RUNAWAYS.items():
+        script = write(tmp_path, name, source)
+        began = time.monotonic()
+        with pytest.raises(ScriptError) as failure:
+            run(cache, script)
+        took = time.monotonic() - began
+        assert TIMEOUT <= took < TIMEOUT + MARGIN, (name, took)
+        error = failure.value
+        # elapsed = now - start, deadline = start + timeout: equal up to float rounding.
+        assert error.timeout and TIMEOUT - 1e-6 <= error.elapsed < TIMEOUT + MARGIN, name
+        assert f"timeout = {TIMEOUT:g} s" in error.message
+        assert re.search(r"ran for 0\.\d{3} s", error.message), error.message
+        assert run(cache, ok).endswith(b"fine"), name
+    # Timed-out states are dropped (they were cut anywhere); the good one stays.
+    assert cache.loaded() == {ok: 1}
+    assert cache.oldest_running() == 0.0
+
+
+@pytest.mark.parametrize("lua", RUNTIMES)
+def test_timeout_traceback_shows_where_the_loop_ran(tmp_path: Path, lua: str) -> None:
+    cache = StateCache(from_mapping({"lua": lua, "timeout": TIMEOUT}))
+    script = write(tmp_path, "spin.lua", "local function spin()\n  while true do end\nend\n"
+                                         "function main(env, con) spin() end\n")
+    with pytest.raises(ScriptError) as failure:
+        run(cache, script)
+    # Lua shortens long paths from the left: the end of the name is what is certain.
+    assert "spin.lua:2: in " in failure.value.traceback
+    assert "prelude.lua" not in failure.value.traceback
+
+
+def test_a_slow_request_within_timeout_is_not_stopped(tmp_path: Path) -> None:
+    cache = StateCache(from_mapping({"timeout": 5}))
+    script = write(tmp_path, "busy.lua", """
+function main(env, con)
+  local start = os.clock()
+  while os.clock() - start < 0.3 do end
+  con:puts("done")
+end
+""")
+    assert run(cache, script).endswith(b"done")
+
+
+def test_oldest_running_request_is_reported(tmp_path: Path) -> None:
+    seen: List[float] = []
+    cache = StateCache(from_mapping({"timeout": 5}))
+    script = write(tmp_path, "ask.lua", "function main(env, con) con:flush() end")
+    state = cache.acquire(script, "")
+    state.run({}, b"", lambda data: seen.append(cache.oldest_running()), 1)
+    cache.release(state)
+    assert len(seen) == 1 and 0.0 < seen[0] < 1.0
+    assert cache.oldest_running() == 0.0
+
+
+# --- through nginx ---------------------------------------------------------------------------
+
+
+def pid_of(site: Site) -> int:
+    response = site.get("/pid.lua")
+    assert response.status == 200, response
+    return int(response.body)
+
+
+@pytest.mark.parametrize("lua", RUNTIMES)
+def test_timeout_through_the_server(tmp_path: Path, lua: str) -> None:
+    runaways = ("while.lua", "pcall.lua", "coroutine.lua")
+    scripts = {"pid.lua": PID, **{name: RUNAWAYS[name] for name in runaways}}
+    with Site(tmp_path, scripts, lua=lua, timeout=1, workers=2) as site:
+        worker = pid_of(site)
+        for name in runaways:
+            began = time.monotonic()
+            response = site.get("/" + name)
+            assert response.status == 500, response
+            assert 1.0 <= time.monotonic() - began < 1.0 + MARGIN + 1.0
+            assert pid_of(site) == worker
+        log = site.server.output()
+        for name in runaways:
+            assert re.search(re.escape(site.script_path(name)) + r".*timeout: the handler ran "
+                             r"for 1\.\d{3} s \(timeout = 1 s\)", log), log
+
+
+def test_memory_cap_through_the_server(tmp_path: Path) -> None:
+    scripts = {"pid.lua": PID, "hog.lua": """
+function main(env, con)
+  local hoard = {}
+  for i = 1, 1e7 do hoard[i] = ("x"):rep(64) .. i end
+end
+"""}
+    with Site(tmp_path, scripts, state_memory=4 * 1024 * 1024, workers=2) as site:
+        worker = pid_of(site)
+        assert site.get("/hog.lua").status == 500
+        assert pid_of(site) == worker
+        assert site.get("/hog.lua").status == 500
+        assert pid_of(site) == worker
+        assert "not enough memory" in site.server.output()
+
+
+def test_master_replaces_a_worker_stuck_past_timeout(tmp_path: Path) -> None:
+    """os.execute blocks in C: no hook runs, the master's fallback must act."""
+    scripts = {"pid.lua": PID,
+               "stuck.lua": 'function main(env, con) os.execute("sleep 12") end'}
+    with Site(tmp_path, scripts, timeout=1, graceful_timeout=1, sweep=200,
+              workers=2) as site:
+        stuck_worker = pid_of(site)
+        began = time.monotonic()
+        # POST: nginx retries a GET on the next worker when the first one dies under it.
+        response = site.get("/stuck.lua", method="POST", body=b"", timeout=30)
+        took = time.monotonic() - began
+        # The worker was killed under the request: nginx answers 502.
+        assert response.status == 502, response
+        assert overrun_limit(1) < took < overrun_limit(1) + 5, took
+        assert wait_until(lambda: pid_of(site) != stuck_worker, timeout=10,
+                          what="a replacement worker")
+        log = site.server.output()
+        assert re.search(rf"worker 1 \(pid {stuck_worker}\) has a request running for "
+                         r"\d+\.\d s, past timeout \(1 s\)", log), log
