@@ -1,0 +1,3 @@
+<?php
+// Benchmark case "hello": the smallest response (the same as hello.lua).
+echo "Hello, world!";
