@@ -149,8 +149,10 @@ class Application:
         if form not in status.FORMS:
             return self.error(400, f"ask for {self.settings.status_path}, ?json or ?openmetrics")
         content_type, render = status.FORMS[form]
-        figures = status.build(self.settings, status.read_snapshot(self.settings),
-                               self.live_figures())
+        snapshot = status.read_snapshot(self.settings)
+        if snapshot and snapshot.get("pid") != os.getppid():
+            snapshot = None  # left by a master that was killed: not ours
+        figures = status.build(self.settings, snapshot, self.live_figures())
         return self.own_page(content_type, render(figures).encode())
 
     def own_page(self, content_type: str, body: bytes) -> bytes:
