@@ -170,6 +170,10 @@ class Application:
         self.real_paths.clear()
         return self.cache.sweep()
 
+    def oldest_running(self) -> float:
+        """Seconds the longest-running request has run (0 when none)."""
+        return self.cache.oldest_running()
+
     def states_loaded(self) -> int:
         return len(self.cache)
 

@@ -131,6 +131,7 @@ class Arbiter:
         self.exit_code = 0
         self.started = 0.0
         self.master_rss = 0
+        self.retired_requests = 0     # requests served by workers that have exited
         self.status_dirty = True
 
     # -- start ----------------------------------------------------------------------------
@@ -339,15 +340,21 @@ class Arbiter:
             send(worker.pid, signal.SIGUSR1)
 
     def give_logfile_to_workers(self) -> None:
-        """Workers reopen the log on USR1 too: once privileges are dropped they need to own it."""
-        if self.owner is None or not self.settings.logfile:
+        """Workers write and reopen their logs themselves: once privileges are dropped they
+        must own the files (created here, as root, when missing)."""
+        if self.owner is None:
             return
         uid, gid, user = self.owner
-        try:
-            os.chown(self.settings.logfile, uid, gid)
-        except OSError as error:
-            log.warning("cannot give the log file %s to %s (%s): workers may fail to reopen it",
-                        self.settings.logfile, user, error.strerror)
+        settings = self.settings
+        for path in (settings.logfile, settings.access_log, settings.slowlog):
+            if not path:
+                continue
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640))
+                os.chown(path, uid, gid)
+            except OSError as error:
+                log.warning("cannot give the log file %s to %s (%s): workers may fail to "
+                            "write or reopen it", path, user, error.strerror)
 
     # -- workers: birth -------------------------------------------------------------------
 
@@ -585,6 +592,7 @@ class Arbiter:
 
     def worker_exited(self, worker: WorkerProcess, status: int) -> None:
         self.status_dirty = True
+        self.retired_requests += worker.figures.get("requests") or 0
         how = describe_exit(status)
         if worker.stopping:
             log.info("worker %d (pid %d) stopped (%s)", worker.number, worker.pid, how)
@@ -643,12 +651,13 @@ class Arbiter:
         self.status_dirty = False
         workers = [{"number": w.number, "pid": w.pid, "started": w.started, "rss": w.rss,
                     "requests": w.figures.get("requests"), "busy": w.figures.get("busy"),
-                    "states": w.figures.get("states"),
+                    "states": w.figures.get("states"), "slow": w.figures.get("slow"),
                     "state": "stopping" if w.stopping else "serving" if w.booted else "booting"}
                    for w in sorted(self.workers.values(), key=lambda w: (w.number, w.started))]
         status = {"pid": os.getpid(), "config": self.config_path, "listen": self.settings.listen,
                   "started": self.started, "updated": time.time(), "rss": self.master_rss,
-                  "sweep": self.settings.sweep, "processes": self.processes, "workers": workers}
+                  "sweep": self.settings.sweep, "processes": self.processes,
+                  "retired_requests": self.retired_requests, "workers": workers}
         path = status_path(self.pidfile.path)
         temporary = path + ".tmp"
         try:

@@ -74,7 +74,8 @@ def build(settings: Settings, snapshot: Optional[dict], live: Optional[dict] = N
         "rss": snapshot.get("rss"),
         "processes": len(rows),
         "processes_wanted": snapshot.get("processes", settings.processes),
-        "accepted_requests": sum(row["requests"] or 0 for row in rows),
+        "accepted_requests": (snapshot.get("retired_requests") or 0)
+        + sum(row["requests"] or 0 for row in rows),
         "active_threads": active,
         "idle_threads": max(0, serving * settings.workers - active),
         "threads": serving * settings.workers,
@@ -172,7 +173,7 @@ def as_text(figures: dict) -> str:
 POOL_METRICS: Tuple[Tuple[str, str, str, str], ...] = (
     ("luafcgid_start_time_seconds", "gauge", "When the master started (Unix time).",
      "started"),
-    ("luafcgid_accepted_requests", "counter", "Requests served by the current workers.",
+    ("luafcgid_accepted_requests", "counter", "Requests served since the master started.",
      "accepted_requests"),
     ("luafcgid_active_threads", "gauge", "Threads running a request.", "active_threads"),
     ("luafcgid_idle_threads", "gauge", "Threads waiting for a request.", "idle_threads"),

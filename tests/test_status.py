@@ -154,3 +154,29 @@ def test_listen_queue_counts_connections_not_yet_accepted():
             for connection in clients:
                 connection.close()
     assert listen_queue("/run/some.sock") is None
+
+
+def test_status_counts_slow_requests_and_requests_of_retired_workers(tmp_path):
+    slow = """
+        function main(env, con)
+            local t = os.clock() + 0.5
+            while os.clock() < t do end
+            con:puts("slow")
+        end"""
+    site = Site(tmp_path, {"hello.lua": HELLO, "slow.lua": slow}, processes=1, sweep=100,
+                max_requests=5, slowlog_timeout=0.2, slowlog=str(tmp_path / "slow.log"),
+                status_path="/status")
+    route_own_paths(site, "/status")
+    with site:
+        for _ in range(12):  # the worker retires after 5 (+ the status requests)
+            assert site.get("/hello.lua").body == b"hello"
+        assert site.get("/slow.lua").body == b"slow"
+
+        def figures():
+            data = json.loads(site.get("/status?json").body)
+            return data if data["slow_requests"] >= 1 and data["accepted_requests"] >= 13 \
+                else None
+
+        data = wait_until(figures, what="the slow request and every request counted")
+        assert all((row["requests"] or 0) <= 6 for row in data["workers"])
+    assert "slow.lua" in (tmp_path / "slow.log").read_text()

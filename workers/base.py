@@ -30,6 +30,7 @@ from luafcgid import log as logging_setup
 from luafcgid.app import Application
 from luafcgid.config import Settings
 from luafcgid.log import log
+from luafcgid.lua import slowlog
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 # The master's signals: a worker leaves them to the master (Ctrl-C in a terminal reaches the
@@ -142,7 +143,7 @@ class Worker:
         assert self.app is not None
         return {"pid": self.pid, "requests": self.app.requests, "busy": self.busy_threads(),
                 "states": self.app.states_loaded(),
-                "oldest": round(self.app.cache.oldest_running(), 3)}
+                "oldest": round(self.app.oldest_running(), 3), "slow": slowlog.recorded()}
 
     def busy_threads(self) -> int:
         return 0

@@ -9,6 +9,7 @@ logrotate moved it, with no signal needed (entries are rare, so its stat per ent
 
 from __future__ import annotations
 
+import itertools
 import logging
 import logging.handlers
 import os
@@ -19,6 +20,14 @@ from luafcgid.log import log
 
 slow_log = logging.getLogger("luafcgid.slow")
 ENTRY_FORMAT = "%(message)s"
+# Entries recorded by this process (next() on a count is atomic: threads share it).
+_entries = itertools.count()
+_recorded = 0
+
+
+def recorded() -> int:
+    """How many slow requests this process has logged (the status page's figure)."""
+    return _recorded
 
 
 def open_log(path: Optional[str]) -> None:
@@ -45,6 +54,8 @@ def open_log(path: Optional[str]) -> None:
 
 def record(script: str, uri: Optional[bytes], elapsed: float, traceback: bytes) -> None:
     """One entry: time, pid, script, URI, elapsed seconds, then the Lua traceback."""
+    global _recorded
+    _recorded = next(_entries) + 1
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     where = os.fsdecode(uri) if uri else "-"
     slow_log.warning("%s [pid %d] slow request: script %s, uri %s, running for %.3f s\n%s",
