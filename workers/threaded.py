@@ -51,8 +51,8 @@ Job = Union[protocol.Request, bytes]
 class Connection:
     """One client connection: its socket, its record parser, and who holds it."""
 
-    __slots__ = ("sock", "parser", "busy", "pending", "closed", "request_id", "send_timeout",
-                 "head", "streamed")
+    __slots__ = ("sock", "parser", "busy", "pending", "closed", "finished", "request_id",
+                 "send_timeout", "head", "streamed")
 
     def __init__(self, sock: socket.socket, parser: protocol.Connection,
                  send_timeout: float) -> None:
@@ -61,6 +61,7 @@ class Connection:
         self.busy = False          # a pool thread is answering a request on it
         self.pending: collections.deque = collections.deque()  # jobs waiting for that thread
         self.closed = False        # the loop dropped it while busy: the thread closes it
+        self.finished = False      # answered a request without KEEP_CONN: to be closed
         self.request_id = 0
         self.send_timeout = send_timeout
         self.head = b""            # with an access log: the first output flushed early ...
@@ -330,7 +331,12 @@ class ThreadWorker(Worker):
     # -- running requests -----------------------------------------------------------------
 
     def run_job(self, connection: Connection, job: Job, thread_number: int) -> None:
-        """Run a job and whatever queued behind it on the same connection."""
+        """Run a job and whatever queued behind it on the same connection.
+
+        A connection answered without KEEP_CONN is closed here when this thread still holds
+        the loop (clearing ``running_since`` keeps the standby from taking it meanwhile);
+        otherwise it is shut down and the loop closes it at the end of stream.
+        """
         while job is not None:
             self.do(connection, job, thread_number)
             with self.lock:
@@ -339,8 +345,16 @@ class ThreadWorker(Worker):
                     connection.busy = False
                     self.busy -= 1
                     orphaned = connection.closed
+                    close_now = (connection.finished and not orphaned
+                                 and self.holder == thread_number)
+                    if close_now:
+                        self.running_since = 0.0
         if orphaned:
             connection.sock.close()
+        elif close_now:
+            self.close(connection)
+        elif connection.finished:
+            shut_down(connection.sock)
         if not self.alive:
             self.wake()
 
@@ -382,7 +396,7 @@ class ThreadWorker(Worker):
                 log_access(access_log, request, connection, output,
                            time.perf_counter() - started)
         if not request.keep_conn:
-            shut_down(connection.sock)
+            connection.finished = True
         self.request_done()
 
     def busy_threads(self) -> int:
