@@ -10,7 +10,8 @@ it read to :meth:`Connection.receive` and gets back events:
 - :class:`Reply`: bytes to send back as they are (answers to management
   records and refusals of requests we do not take).
 
-Malformed input raises :class:`ProtocolError`; the server then closes that
+Malformed input raises :class:`ProtocolError`, as do PARAMS over
+``MAX_PARAMS_BYTES`` (64 KiB) or ``MAX_PAIRS`` (1000) pairs; the server then closes that
 connection (the Connection is not usable after it). The answer to a request is
 built with :func:`stdout_records` and :func:`end_request`.
 
@@ -53,6 +54,9 @@ UNKNOWN_ROLE = 3
 
 MAX_CONTENT = 65535  # per record
 MAX_PARAMS_BYTES = 65536  # per request, all PARAMS records together
+# Name-value pairs in one decoded block: nginx sends ~20-40; 64 KiB of empty pairs would be
+# 32768 entries, each a Lua table field built per request.
+MAX_PAIRS = 1000
 # Request ids are 16 bits and 0 is for management records: -1 matches no record.
 _NO_REQUEST = -1
 
@@ -194,6 +198,8 @@ def _decode_pairs(data: bytes, pos: int, end: int) -> Dict[bytes, bytes]:
             pos = value_end
     except (IndexError, struct.error):
         raise ProtocolError("truncated name-value pair: the data ends inside a length") from None
+    if len(pairs) > MAX_PAIRS:
+        raise ProtocolError(f"{len(pairs)} name-value pairs, at most {MAX_PAIRS} are taken")
     return pairs
 
 

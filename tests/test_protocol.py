@@ -510,3 +510,63 @@ def test_between_requests_is_false_while_a_request_or_record_is_half_read() -> N
     assert not conn.between_requests
     conn.receive(encode_record(protocol.STDIN, 1)[5:])
     assert conn.between_requests
+
+
+# --- request limits ------------------------------------------------------------------------
+
+def test_params_of_max_pairs_are_taken_one_more_is_a_protocol_error() -> None:
+    at_limit = {b"P%d" % number: b"v" for number in range(protocol.MAX_PAIRS)}
+    (request,) = connection().receive(request_bytes(at_limit))
+    assert len(request.params) == protocol.MAX_PAIRS
+    over = {**at_limit, b"ONE_MORE": b"v"}
+    with pytest.raises(ProtocolError, match="1001 name-value pairs"):
+        connection().receive(request_bytes(over))
+
+
+def test_too_many_pairs_split_over_records_are_a_protocol_error() -> None:
+    over = {b"P%d" % number: b"" for number in range(protocol.MAX_PAIRS + 1)}
+    with pytest.raises(ProtocolError, match="name-value pairs"):
+        connection().receive(request_bytes(over, params_chunk=7))
+
+
+def test_params_over_64_kib_are_a_protocol_error_before_their_end() -> None:
+    conn = connection()
+    conn.receive(begin(1))
+    conn.receive(encode_record(protocol.PARAMS, 1, encode_pairs([(b"A", b"x" * 65000)])))
+    with pytest.raises(ProtocolError, match="PARAMS larger than 65536"):
+        conn.receive(encode_record(protocol.PARAMS, 1, b"y" * 1000))
+
+
+@pytest.mark.parametrize("bad_header", [
+    bytes([0, protocol.BEGIN_REQUEST, 0, 1, 0, 8, 0, 0]),    # version 0
+    bytes([2, protocol.BEGIN_REQUEST, 0, 1, 0, 8, 0, 0]),    # version 2
+    bytes([1, protocol.BEGIN_REQUEST, 0, 1, 0, 9, 7, 0]),    # BEGIN_REQUEST body of 9
+    bytes([1, protocol.STDIN, 0, 7, 0, 0, 0, 0]),            # STDIN of no active request
+    bytes([1, protocol.END_REQUEST, 0, 1, 0, 8, 0, 0]),      # END_REQUEST from the client
+])
+def test_malformed_records_are_protocol_errors(bad_header: bytes) -> None:
+    data = bad_header + b"\0" * (bad_header[5] + bad_header[6])
+    with pytest.raises(ProtocolError):
+        connection().receive(data)
+
+
+def test_an_absurd_long_length_in_a_pair_is_a_protocol_error_not_an_allocation() -> None:
+    pair = b"\xff\xff\xff\xff\x01" + b"N" + b"v"  # name length 2**31 - 1
+    with pytest.raises(ProtocolError, match="truncated name-value pair"):
+        decode_pairs(pair)
+
+
+def test_a_body_over_maxpost_in_many_records_is_drained_in_bounded_memory() -> None:
+    conn = connection(maxpost=1000)
+    conn.receive(begin(1) + stream(protocol.PARAMS, 1, encode_pairs([(b"A", b"b")])))
+    record = encode_record(protocol.STDIN, 1, b"z" * 65535)
+    tracemalloc.start()
+    try:
+        for _ in range(64):  # 4 MiB
+            assert conn.receive(record) == []
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 200_000
+    (request,) = conn.receive(encode_record(protocol.STDIN, 1))
+    assert request.body == b"" and request.body_too_large

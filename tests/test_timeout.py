@@ -18,6 +18,7 @@ import pytest
 from luafcgid.arbiter import overrun_limit
 from luafcgid.config import from_mapping
 from luafcgid.lua import ScriptError, StateCache
+from luafcgid.lua import state as state_module
 from tests.support import Site, wait_until
 
 RUNTIMES = ("5.4", "5.1", "luajit")
@@ -128,6 +129,26 @@ def test_timeout_traceback_shows_where_the_loop_ran(tmp_path: Path, lua: str) ->
     # Lua shortens long paths from the left: the end of the name is what is certain.
     assert "spin.lua:2: in " in failure.value.traceback
     assert "prelude.lua" not in failure.value.traceback
+
+
+@pytest.mark.parametrize("lua", RUNTIMES)
+def test_a_state_idle_for_longer_than_timeout_serves_its_next_request(
+        tmp_path: Path, lua: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No deadline survives a request: the load's and the last request's are disarmed.
+
+    With the hook on every instruction, a stale deadline would be found by the prelude's
+    first instructions of the next request (with the real count: now and then, at random).
+    """
+    monkeypatch.setattr(state_module, "HOOK_COUNT", 1)
+    cache = StateCache(from_mapping({"lua": lua, "timeout": TIMEOUT}))
+    script = write(tmp_path, "idle.lua", 'function main(env, con) con:puts("ok") end')
+    assert run(cache, script).endswith(b"ok")
+    time.sleep(TIMEOUT + 1.1)  # idle past the old deadline, and past its whole second
+    state = cache.acquire(script, "")
+    try:
+        assert state.run({}, b"", bytes, 1).endswith(b"ok")
+    finally:
+        cache.release(state)
 
 
 def test_a_slow_request_within_timeout_is_not_stopped(tmp_path: Path) -> None:

@@ -274,6 +274,10 @@ class ThreadWorker(Worker):
         except OSError:
             data = b""
         if not data:
+            if not connection.parser.between_requests:
+                log.warning("worker %d: a FastCGI connection ended inside a request "
+                            "(truncated record or stream): the request is dropped",
+                            self.number)
             self.close(connection)
             return
         try:

@@ -378,6 +378,12 @@ local function arm(start, uri)
     check_from = floor(deadline < slow_at and deadline or slow_at)
 end
 
+-- Between requests no deadline runs: a state idle for longer than `timeout` must not
+-- find an old deadline passed in the prelude's first instructions of the next request.
+local function disarm()
+    deadline, slow_at, check_from = huge, huge, huge
+end
+
 local function watchdog()
     if timed_out then
         if getinfo(2, "S").source ~= prelude_source then
@@ -462,11 +468,13 @@ local function run(env, request, thread, start)
     rawset(G, "Info", info)
     local found = G[handler_name]
     if type(found) ~= "function" then
+        disarm()
         return false, "no handler: the global '" .. handler_name .. "' is " .. type(found)
             .. ", not a function", ""
     end
     request_body, handler, handler_env = request, found, env
     local ok, message = xpcall(call_handler, on_error)
+    disarm()
     request_body, handler, handler_env = nil, nil, nil
     if timed_out then
         reset()
@@ -519,4 +527,5 @@ local ok, message, trace, seconds = run_file(script)
 if not ok then
     return false, message, trace, seconds
 end
+disarm()
 return true, run

@@ -260,8 +260,9 @@ class State:
         self.started = started = time.time()
         try:
             result = self._run(self._table_from(params), body, thread_number, started)
-        except self._lua_error as error:  # out of memory outside the handler's xpcall
-            result = error
+        except self._lua_error as error:  # raised outside the handler's xpcall (out of
+            result = error                # memory, a timeout in the prelude): do not reuse
+            self.stale = True             # a state left half-way through a request
         finally:
             outlet.sink = None
             self.started = 0.0
