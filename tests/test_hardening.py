@@ -112,9 +112,6 @@ def test_ten_byte_a_tick_clients_do_not_hold_the_two_lua_threads(site: Site) -> 
     assert worker_pids(site.server) == workers
 
 
-@pytest.mark.xfail(strict=True, reason="workers/threaded.py: a response that does not fit the "
-                   "socket buffer is written by the Lua thread, which waits up to `timeout` "
-                   "for a client that does not read")
 def test_clients_that_never_read_their_answer_do_not_hold_the_lua_threads(tmp_path: Path) -> None:
     (tmp_path / "big.lua").write_text(
         'function main(env, con) con:puts(string.rep("x", 8 * 1024 * 1024)) end')

@@ -51,13 +51,15 @@ Job = Union[protocol.Request, bytes]
 class Connection:
     """One client connection: its socket, its record parser, and who holds it."""
 
-    __slots__ = ("sock", "parser", "busy", "pending", "closed", "finished", "request_id",
-                 "send_timeout", "head", "streamed")
+    __slots__ = ("sock", "parser", "lock", "busy", "pending", "closed", "finished",
+                 "request_id", "send_timeout", "head", "streamed", "outbox", "stalled_since",
+                 "writing")
 
-    def __init__(self, sock: socket.socket, parser: protocol.Connection,
+    def __init__(self, sock: socket.socket, parser: protocol.Connection, lock: threading.Lock,
                  send_timeout: float) -> None:
         self.sock = sock
         self.parser = parser
+        self.lock = lock           # the worker's lock: guards busy, pending, closed, outbox
         self.busy = False          # a pool thread is answering a request on it
         self.pending: collections.deque = collections.deque()  # jobs waiting for that thread
         self.closed = False        # the loop dropped it while busy: the thread closes it
@@ -66,9 +68,36 @@ class Connection:
         self.send_timeout = send_timeout
         self.head = b""            # with an access log: the first output flushed early ...
         self.streamed = 0          # ... and how many bytes were flushed early in all
+        # Answers the client has not taken yet, written by the event loop: a finished
+        # request never keeps its thread waiting for a client that reads slowly, or not at all.
+        self.outbox: collections.deque = collections.deque()
+        self.stalled_since = 0.0   # when the outbox last moved
+        self.writing = False       # registered for EVENT_WRITE
 
     def send(self, data: bytes) -> None:
+        """Send now, waiting for room (a running script's flush: backpressure is right)."""
+        if self.outbox:  # only this connection's own thread fills it: re-check under the lock
+            with self.lock:
+                if self.outbox:
+                    self.outbox.append(memoryview(data))
+                    return
         send_all(self.sock, data, self.send_timeout)
+
+    def send_final(self, data: bytes) -> bool:
+        """Send what ends a request; False when the rest was left in the outbox for the loop."""
+        if not self.outbox:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return True
+            data = memoryview(data)[sent:]
+        with self.lock:
+            if not self.outbox:
+                self.stalled_since = time.monotonic()
+            self.outbox.append(memoryview(data))
+        return False
 
     def sink(self, data: bytes) -> None:
         """Where a script's flushed output goes: STDOUT records, sent now."""
@@ -120,6 +149,8 @@ class ThreadWorker(Worker):
         self.busy = 0              # connections with a request queued or running
         self.accepting = False
         self.stop_deadline: Optional[float] = None
+        self.to_watch: collections.deque = collections.deque()  # connections with an outbox
+        self.next_stall_check = 0.0
         self.access_log: Optional[AccessLog] = None
         if self.settings.access_log:
             self.access_log = open_access_log(self.settings.access_log,
@@ -184,14 +215,23 @@ class ThreadWorker(Worker):
             if not self.alive and self.stopped():
                 self.end_loop()
                 return
-            for key, _ in self.selector.select(0 if self.ready else
-                                               TICK if self.alive else 0.05):
+            while self.to_watch:
+                self.watch_writable(self.to_watch.popleft())
+            for key, mask in self.selector.select(0 if self.ready else
+                                                  TICK if self.alive else 0.05):
                 if key.data is None:
                     self.accept()
                 elif key.data == "signals":
                     self.read_signals()
                 else:
-                    self.read(key.data)
+                    connection = key.data
+                    if mask & selectors.EVENT_WRITE:
+                        self.write(connection)
+                    if (mask & selectors.EVENT_READ
+                            and self.connections.get(connection.sock.fileno()) is connection):
+                        self.read(connection)
+            if time.monotonic() > self.next_stall_check:
+                self.drop_stalled()
             if self.ppid_changed():
                 log.warning("worker %d: master is gone, stopping", self.number)
                 self.stop(fast=False)
@@ -251,7 +291,7 @@ class ThreadWorker(Worker):
             sock.setblocking(False)
             parser = protocol.Connection(MAX_CONNECTIONS, self.settings.workers,
                                          self.settings.maxpost)
-            connection = Connection(sock, parser, self.settings.timeout)
+            connection = Connection(sock, parser, self.lock, self.settings.timeout)
             self.connections[sock.fileno()] = connection
             self.selector.register(sock, selectors.EVENT_READ, connection)
 
@@ -314,6 +354,7 @@ class ThreadWorker(Worker):
         self.selector.unregister(connection.sock)
         del self.connections[connection.sock.fileno()]
         with self.lock:
+            connection.outbox.clear()
             if connection.busy:
                 connection.closed = True
                 return
@@ -328,8 +369,52 @@ class ThreadWorker(Worker):
         fresh one is closed under it.
         """
         for connection in list(self.connections.values()):
-            if (not connection.busy and connection.request_id
+            if (not connection.busy and connection.request_id and not connection.outbox
                     and connection.parser.between_requests):
+                self.close(connection)
+
+    # -- answers the client has not taken yet ---------------------------------------------
+
+    def watch_writable(self, connection: Connection) -> None:
+        if connection.sock.fileno() >= 0 and not connection.writing:
+            self.selector.modify(connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                 connection)
+            connection.writing = True
+
+    def write(self, connection: Connection) -> None:
+        """The socket has room: send from the outbox; close a finished connection once empty."""
+        while True:
+            with self.lock:
+                if not connection.outbox:
+                    close = connection.finished and not connection.busy
+                    break
+                view = connection.outbox[0]
+            try:
+                sent = connection.sock.send(view)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.close(connection)
+                return
+            with self.lock:
+                connection.stalled_since = time.monotonic()
+                if sent < len(view):
+                    connection.outbox[0] = view[sent:]
+                    return
+                connection.outbox.popleft()
+        self.selector.modify(connection.sock, selectors.EVENT_READ, connection)
+        connection.writing = False
+        if close:
+            self.close(connection)
+
+    def drop_stalled(self) -> None:
+        """Once a second: let go of clients that took nothing of their answer for `timeout`."""
+        now = time.monotonic()
+        self.next_stall_check = now + TICK
+        for connection in list(self.connections.values()):
+            if connection.outbox and now - connection.stalled_since > connection.send_timeout:
+                log.info("worker %d: a client took no part of its answer for %g s: closing "
+                         "its connection", self.number, connection.send_timeout)
                 self.close(connection)
 
     # -- running requests -----------------------------------------------------------------
@@ -349,15 +434,16 @@ class ThreadWorker(Worker):
                     connection.busy = False
                     self.busy -= 1
                     orphaned = connection.closed
-                    close_now = (connection.finished and not orphaned
-                                 and self.holder == thread_number)
+                    # With an outbox left, the loop closes it once the client took it all.
+                    ending = connection.finished and not orphaned and not connection.outbox
+                    close_now = ending and self.holder == thread_number
                     if close_now:
                         self.running_since = 0.0
         if orphaned:
             connection.sock.close()
         elif close_now:
             self.close(connection)
-        elif connection.finished:
+        elif ending:
             shut_down(connection.sock)
         if not self.alive:
             self.wake()
@@ -393,8 +479,11 @@ class ThreadWorker(Worker):
             except Exception:
                 log.exception("worker %d: internal error answering a request", self.number)
                 output = error_page(500, self.settings.headers)
-            connection.send(protocol.stdout_records(request_id, output)
-                            + protocol.end_request(request_id))
+            if not connection.send_final(protocol.stdout_records(request_id, output)
+                                         + protocol.end_request(request_id)):
+                with self.lock:
+                    self.to_watch.append(connection)
+                self.wake()
         finally:
             if access_log is not None:  # the line is written for a lost client too
                 log_access(access_log, request, connection, output,
