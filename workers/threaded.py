@@ -13,10 +13,14 @@ goes on serving the other connections; the old holder finishes its request
 and waits to be needed again. So a slow script delays the others by at most
 a couple of milliseconds, and at most ``workers`` requests run at once.
 
-Closing is the holder's job, so the selector's table never goes stale: a
-request runner ends a non-kept connection with ``shutdown()``, the loop sees
-the end of stream and closes. A connection the loop gives up on while a
-thread still writes to it is closed by that thread when it finishes.
+An answer that does not fit the socket at once waits in the connection's
+outbox for the loop to write, so a client that does not read holds no thread.
+
+Selector changes are the holder's job, so the selector's table never goes
+stale: the holder closes a non-kept connection it answered itself; another
+thread ends one with ``shutdown()`` and the loop closes it at the end of
+stream. A connection the loop gives up on while a thread still writes to it
+is closed by that thread when it finishes.
 """
 
 from __future__ import annotations
