@@ -12,6 +12,7 @@ answered here before any script is looked for (php-fpm's ``ping.path`` and
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from typing import Callable, Dict, Optional
@@ -43,7 +44,9 @@ class Application:
         # SCRIPT_FILENAME → real path, for scripts that passed the checks; emptied on every
         # sweep so a moved symlink or a changed root is seen within one heartbeat.
         self.real_paths: dict[bytes, str] = {}
+        # Requests taken so far; next() on a count is atomic, so threads lose no increment.
         self.requests = 0
+        self._numbers = itertools.count(1)
         # SCRIPT_NAME → the server's own answer; None (one attribute check per request)
         # when neither ping_path nor status_path is set.
         answers: Dict[bytes, Callable[[Request], bytes]] = {}
@@ -61,7 +64,7 @@ class Application:
 
         ``sink`` receives output the script flushes before it returns.
         """
-        self.requests += 1
+        self.requests = next(self._numbers)
         params = request.params
         if self.own_answers is not None:
             answer = self.own_answers.get(params.get(b"SCRIPT_NAME"))
