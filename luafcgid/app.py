@@ -107,15 +107,17 @@ class Application:
     def resolve(self, filename: bytes) -> str:
         """The real path of the script ``filename`` names, or :class:`Refusal`."""
         real = self.real_paths.get(filename)
-        if real is None:
+        known = real is not None
+        if not known:
             real = self.check(filename)
-            self.real_paths[filename] = real
         try:
             mode = os.stat(real).st_mode
         except OSError:
             raise Refusal(404, "script not found") from None
         if not stat.S_ISREG(mode):
             raise Refusal(404, "not a regular file")
+        if not known:  # only scripts that exist: made-up names must not fill the cache
+            self.real_paths[filename] = real
         return real
 
     def check(self, filename: bytes) -> str:

@@ -47,6 +47,7 @@ from luafcgid import log as logging_setup
 from luafcgid.config import Settings
 from luafcgid.log import log
 from luafcgid.pidfile import Pidfile, PidfileError
+from luafcgid.status import status_path
 from luafcgid.workers.threaded import ThreadWorker
 
 MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
@@ -71,11 +72,6 @@ LONGEST_WAIT = 1.0         # s the loop sleeps at most
 
 class StartError(Exception):
     """The server cannot start: the message says why and what to do."""
-
-
-def status_path(pidfile: str) -> str:
-    """Where the master keeps its figures for ``luafcgid status``."""
-    return pidfile + ".status"
 
 
 @dataclass

@@ -23,10 +23,11 @@ import psutil
 from luafcgid import __version__, client, config
 from luafcgid import log as logging_setup
 from luafcgid import status as pool_status
-from luafcgid.arbiter import Arbiter, StartError, status_path
+from luafcgid.arbiter import Arbiter, StartError
 from luafcgid.config import Settings
 from luafcgid.daemon import run_detached
 from luafcgid.pidfile import Pidfile
+from luafcgid.status import status_path
 
 DEFAULT_CONFIG = "/etc/luafcgid/config.lua"
 START_TIMEOUT = 60.0    # s a daemonized start waits for the server to serve

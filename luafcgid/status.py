@@ -32,10 +32,13 @@ WORKER_KEYS = ("number", "pid", "state", "rss", "requests", "busy", "states", "s
                "started")
 
 
+def status_path(pidfile: str) -> str:
+    """Where the master keeps its figures, next to its pidfile."""
+    return pidfile + ".status"
+
+
 def read_snapshot(settings: Settings) -> Optional[dict]:
     """The master's status file as written at the last heartbeat; None when there is none."""
-    from luafcgid.arbiter import status_path  # the arbiter imports the workers, which import us
-
     try:
         with open(status_path(settings.pidfile)) as file:
             snapshot = json.load(file)

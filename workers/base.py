@@ -47,14 +47,13 @@ class Worker:
         self.listener = listener
         self.settings = settings
         self.report_fd = report_fd
-        self.pid = os.getpid()
+        self.pid = self.ppid = 0    # known in run(), in the child
         self.alive = True           # False once a stop was asked for
         self.fast_exit = False      # INT/QUIT: do not wait for in-flight requests
         self.app: Optional[Application] = None
         self.max_requests = self._request_limit(settings)
         self.signal_read_fd = -1
         self.signal_write_fd = -1
-        self.ppid = os.getppid()
 
     @staticmethod
     def _request_limit(settings: Settings) -> int:

@@ -114,7 +114,7 @@ class Connection:
             if not self.streamed:
                 self.head = data
             self.streamed += len(data)
-            self.send(protocol.stdout_records(self.request_id, data))
+            self.sink(data)
 
 
 def send_all(sock: socket.socket, data: bytes, timeout: float) -> None:
@@ -380,7 +380,9 @@ class ThreadWorker(Worker):
     # -- answers the client has not taken yet ---------------------------------------------
 
     def watch_writable(self, connection: Connection) -> None:
-        if connection.sock.fileno() >= 0 and not connection.writing:
+        # The loop may have let the connection go meanwhile (its thread then closes it).
+        if self.connections.get(connection.sock.fileno()) is connection \
+                and not connection.writing:
             self.selector.modify(connection.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
                                  connection)
             connection.writing = True
@@ -455,7 +457,7 @@ class ThreadWorker(Worker):
     def do(self, connection: Connection, job: Job, thread_number: int) -> None:
         try:
             if isinstance(job, bytes):
-                connection.send(job)
+                self.finish(connection, job)
             else:
                 self.respond(connection, job, thread_number)
         except OSError as error:
@@ -483,11 +485,8 @@ class ThreadWorker(Worker):
             except Exception:
                 log.exception("worker %d: internal error answering a request", self.number)
                 output = error_page(500, self.settings.headers)
-            if not connection.send_final(protocol.stdout_records(request_id, output)
-                                         + protocol.end_request(request_id)):
-                with self.lock:
-                    self.to_watch.append(connection)
-                self.wake()
+            self.finish(connection, protocol.stdout_records(request_id, output)
+                        + protocol.end_request(request_id))
         finally:
             if access_log is not None:  # the line is written for a lost client too
                 log_access(access_log, request, connection, output,
@@ -496,8 +495,17 @@ class ThreadWorker(Worker):
             connection.finished = True
         self.request_done()
 
+    def finish(self, connection: Connection, data: bytes) -> None:
+        """Send what ends a job; what the client does not take now the loop writes later."""
+        if not connection.send_final(data):
+            with self.lock:
+                self.to_watch.append(connection)
+            self.wake()
+
     def busy_threads(self) -> int:
-        return self.busy
+        """Threads running a request now (``busy`` also counts requests waiting to run)."""
+        with self.lock:
+            return self.busy - len(self.ready)
 
 
 def log_access(access_log: AccessLog, request: protocol.Request, connection: Connection,
