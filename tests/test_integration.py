@@ -274,3 +274,26 @@ def test_a_slow_script_does_not_hold_up_other_connections(site):
     finally:
         for client in slow:
             client.close()
+
+
+def test_an_idle_worker_uses_no_cpu_and_wakes_for_the_next_slow_request(tmp_path):
+    """The standby thread stops polling when nothing runs, and is woken by the next request."""
+    scripts = {"hello.lua": SCRIPTS["hello.lua"], "flags.lua": SCRIPTS["flags.lua"],
+               "slow.lua": SCRIPTS["slow.lua"]}
+    with Site(tmp_path, scripts, workers=2, sweep=10000) as idle_site:
+        for _ in range(20):
+            assert idle_site.get("/hello.lua").status == 200
+        worker = psutil.Process(idle_site.server.pid).children()[0]
+        time.sleep(1.5)  # the standby parks after 1 s of idle polls
+        before = sum(worker.cpu_times()[:2])
+        time.sleep(3)
+        assert sum(worker.cpu_times()[:2]) - before < 0.015  # polling costs ~0.04 s here
+        with socket.create_connection(("127.0.0.1", idle_site.port), timeout=15) as slow:
+            slow.sendall(b"GET /slow.lua?idle HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            wait_until(lambda: (idle_site.docroot / "started.idle").exists(),
+                       what="the slow request to run")
+            started = time.monotonic()
+            assert idle_site.get("/hello.lua", timeout=5).status == 200
+            assert time.monotonic() - started < 1
+            (idle_site.docroot / "go.idle").write_text("")
+            assert slow.recv(4096).startswith(b"HTTP/1.1 200")

@@ -48,6 +48,9 @@ ACCEPT_BATCH = 64
 TICK = 1.0
 # How long a Lua call may hold the event loop before the standby thread takes it over.
 HANDOFF_AFTER = 0.002
+# Idle polls after which the standby stops polling until the next request starts (an idle
+# worker then costs no CPU).
+PARK_AFTER_POLLS = int(1.0 / HANDOFF_AFTER)
 
 Job = Union[protocol.Request, bytes]
 
@@ -146,6 +149,8 @@ class ThreadWorker(Worker):
         self.ready: collections.deque = collections.deque()  # (connection, job) to run, in order
         self.lock = threading.Lock()
         self.baton = threading.Condition(self.lock)
+        self.standby_wakeup = threading.Condition(self.lock)
+        self.standby_parked = False  # the standby waits for the next request to start
         self.holder = 0            # number of the thread holding the event loop (0: nobody)
         self.standby = 0           # number of the thread watching the holder (0: nobody)
         self.running_since = 0.0   # when the holder started its current request (0: doing I/O)
@@ -188,6 +193,7 @@ class ThreadWorker(Worker):
 
     def take_baton(self, me: int) -> bool:
         """Wait until this thread holds the event loop; False once the worker is done."""
+        idle_polls = 0
         with self.baton:
             while not self.finished:
                 if not self.holder:
@@ -204,12 +210,18 @@ class ThreadWorker(Worker):
                     self.holder, self.standby, self.running_since = me, 0, 0.0
                     self.baton.notify()  # another thread becomes the standby
                     return True
+                idle_polls = 0 if since else idle_polls + 1
+                if idle_polls >= PARK_AFTER_POLLS:
+                    self.standby_parked = True
+                    self.standby_wakeup.wait()  # run_ready wakes it as a request starts
+                    idle_polls = 0
             return False
 
     def end_loop(self) -> None:
         with self.baton:
             self.finished = True
             self.baton.notify_all()
+            self.standby_wakeup.notify_all()
 
     # -- the event loop -------------------------------------------------------------------
 
@@ -253,6 +265,9 @@ class ThreadWorker(Worker):
                     return True
                 connection, job = self.ready.popleft()
                 self.running_since = time.monotonic()
+                if self.standby_parked:
+                    self.standby_parked = False
+                    self.standby_wakeup.notify()
             self.run_job(connection, job, me)
 
     def stopped(self) -> bool:
