@@ -95,14 +95,12 @@ class Application:
                                        (self.settings.root or ""))
         except ScriptError as failure:
             return self.script_failed(failure, "loading")
-        discard = False
         try:
             return state.run(request.params, request.body, sink, thread_number)
         except ScriptError as failure:
-            discard = failure.memory
             return self.script_failed(failure, "running")
         finally:
-            self.cache.release(state, discard)
+            self.cache.release(state)
 
     def resolve(self, filename: bytes) -> str:
         """The real path of the script ``filename`` names, or :class:`Refusal`."""

@@ -35,14 +35,10 @@ class Site:
         env = {b"SCRIPT_FILENAME": script.encode(), b"REQUEST_METHOD": b"GET"}
         env.update(params or {})
         state = self.cache.acquire(script, str(self.root))
-        discard = False
         try:
             return state.run(env, body, (sink if sink is not None else []).append, thread)
-        except ScriptError as error:
-            discard = error.memory
-            raise
         finally:
-            self.cache.release(state, discard)
+            self.cache.release(state)
 
 
 @pytest.fixture
@@ -580,7 +576,7 @@ def test_state_memory_cap(site, lua):
     assert failure.value.memory
     assert failure.value.message == "not enough memory"
     assert not failure.value.flushed
-    assert len(web.cache) == 0  # released with discard=True
+    assert len(web.cache) == 0  # over state_memory: dropped at release
     assert web.serve(page) == response(b"beforefine")
 
 

@@ -148,11 +148,12 @@ def test_load_failure_frees_the_reserved_slot(tmp_path, cache_with):
     cache.release(state)
 
 
-def test_discard_drops_the_state(tmp_path, cache_with):
+def test_a_stale_state_is_dropped_at_release(tmp_path, cache_with):
     cache = cache_with()
     page = script(tmp_path, "a")
     state = cache.acquire(page, str(tmp_path))
-    cache.release(state, discard=True)
+    state.stale = True
+    cache.release(state)
     assert len(cache) == 0 and state._runtime is None
 
 

@@ -85,11 +85,12 @@ class StateCache:
             victim.close()
         return self._load(script, docroot, kept)
 
-    def release(self, state: State, discard: bool = False) -> None:
-        """Give ``state`` back; ``discard`` drops it (after a memory error, say)."""
+    def release(self, state: State) -> None:
+        """Give ``state`` back; a transient or stale one (changed on disk, timed out, over
+        state_memory) is dropped."""
         with self._lock:
             self._busy.discard(state)
-            drop = state.transient or discard or state.stale or self._closed
+            drop = state.transient or state.stale or self._closed
             if drop:
                 if not state.transient:  # a transient state was never counted
                     self._uncount(state.script)

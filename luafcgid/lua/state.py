@@ -300,9 +300,11 @@ class State:
                  elapsed: Optional[float] = None) -> ScriptError:
         # Lua skips the message handler on memory errors: no traceback means out of memory.
         memory = traceback is None and message == MEMORY_MESSAGE
-        if memory and self._runtime is not None:
-            # LuaJIT keeps failing allocations until a full collection.
-            self._runtime.gccollect()
+        if memory:
+            self.stale = True  # over state_memory: the cache drops it at release
+            if self._runtime is not None:
+                # LuaJIT keeps failing allocations (or worse) until a full collection.
+                self._runtime.gccollect()
         return ScriptError(self.script, message.decode("utf-8", "replace"),
                            (traceback or b"").decode("utf-8", "replace"),
                            flushed=flushed, memory=memory, elapsed=elapsed)
