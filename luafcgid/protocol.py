@@ -210,13 +210,23 @@ def decode_pairs(data: bytes) -> Dict[bytes, bytes]:
 
 def stdout_records(request_id: int, data: bytes) -> bytes:
     """``data`` as STDOUT records of at most 65535 bytes each (``b""`` for no data)."""
+    return b"".join(_stdout_parts(request_id, data))
+
+
+def response_records(request_id: int, data: bytes) -> bytes:
+    """A whole answer in one copy: ``data`` as STDOUT records, then :func:`end_request`."""
+    parts = _stdout_parts(request_id, data)
+    parts.append(end_request(request_id))
+    return b"".join(parts)
+
+
+def _stdout_parts(request_id: int, data: bytes) -> list:
     length = len(data)
     if length <= MAX_CONTENT:
         if not length:
-            return b""
-        return b"".join((_pack_header(VERSION_1, STDOUT, request_id, length,
-                                      _PADDING_LENGTHS[length & 7]),
-                         data, _PADDINGS[length & 7]))
+            return []
+        return [_pack_header(VERSION_1, STDOUT, request_id, length, _PADDING_LENGTHS[length & 7]),
+                data, _PADDINGS[length & 7]]
     view = memoryview(data)
     parts = []
     for start in range(0, length, MAX_CONTENT):
@@ -224,7 +234,7 @@ def stdout_records(request_id: int, data: bytes) -> bytes:
         size = len(chunk)
         parts += (_pack_header(VERSION_1, STDOUT, request_id, size, _PADDING_LENGTHS[size & 7]),
                   chunk, _PADDINGS[size & 7])
-    return b"".join(parts)
+    return parts
 
 
 def end_request(request_id: int, app_status: int = 0,

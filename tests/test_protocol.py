@@ -570,3 +570,10 @@ def test_a_body_over_maxpost_in_many_records_is_drained_in_bounded_memory() -> N
     assert held < 200_000
     (request,) = conn.receive(encode_record(protocol.STDIN, 1))
     assert request.body == b"" and request.body_too_large
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 65535, 65536, 200_000])
+def test_response_records_are_stdout_records_then_end_request(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    assert protocol.response_records(5, data) == (protocol.stdout_records(5, data)
+                                                  + protocol.end_request(5))

@@ -500,8 +500,7 @@ class ThreadWorker(Worker):
             except Exception:
                 log.exception("worker %d: internal error answering a request", self.number)
                 output = error_page(500, self.settings.headers)
-            self.finish(connection, protocol.stdout_records(request_id, output)
-                        + protocol.end_request(request_id))
+            self.finish(connection, protocol.response_records(request_id, output))
         finally:
             if access_log is not None:  # the line is written for a lost client too
                 log_access(access_log, request, connection, output,
