@@ -47,7 +47,7 @@ from luafcgid import log as logging_setup
 from luafcgid.config import Settings
 from luafcgid.log import log
 from luafcgid.pidfile import Pidfile, PidfileError
-from luafcgid.status import status_path
+from luafcgid.status import remove_status_file, status_path
 from luafcgid.workers.threaded import ThreadWorker
 
 MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
@@ -676,10 +676,7 @@ class Arbiter:
 
     def remove_state_files(self) -> None:
         self.pidfile.remove(os.getpid())
-        try:
-            os.unlink(status_path(self.pidfile.path))
-        except FileNotFoundError:
-            pass
+        remove_status_file(self.pidfile.path)
 
 
 # -- helpers ------------------------------------------------------------------------------

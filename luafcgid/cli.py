@@ -27,7 +27,7 @@ from luafcgid.arbiter import Arbiter, StartError
 from luafcgid.config import Settings
 from luafcgid.daemon import run_detached
 from luafcgid.pidfile import Pidfile
-from luafcgid.status import status_path
+from luafcgid.status import remove_status_file
 
 DEFAULT_CONFIG = "/etc/luafcgid/config.lua"
 START_TIMEOUT = 60.0    # s a daemonized start waits for the server to serve
@@ -103,7 +103,7 @@ def stop(config_path: str, timeout: Optional[float]) -> None:
     if not wait_gone(pid, KILL_WAIT):
         fail(f"luafcgid (pid {pid}) survived KILL")
     pidfile.remove(pid)
-    remove_file(status_path(settings.pidfile))
+    remove_status_file(settings.pidfile)
     click.echo(f"luafcgid (pid {pid}) killed")
 
 
@@ -232,13 +232,6 @@ def kill_tree(pid: int) -> None:
             process.kill()
         except psutil.NoSuchProcess:
             pass
-
-
-def remove_file(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def resolve_target(target: str, root: Optional[str]) -> Tuple[str, Optional[str], str]:

@@ -15,6 +15,7 @@ listening socket on our port. Elsewhere, and for unix sockets, it is unknown (No
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -35,6 +36,14 @@ WORKER_KEYS = ("number", "pid", "state", "rss", "requests", "busy", "states", "s
 def status_path(pidfile: str) -> str:
     """Where the master keeps its figures, next to its pidfile."""
     return pidfile + ".status"
+
+
+def remove_status_file(pidfile: str) -> None:
+    """The status file goes with the pidfile when the master stops (or is killed)."""
+    try:
+        os.unlink(status_path(pidfile))
+    except FileNotFoundError:
+        pass
 
 
 def read_snapshot(settings: Settings) -> Optional[dict]:
