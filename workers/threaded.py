@@ -82,7 +82,10 @@ class Connection:
         self.writing = False       # registered for EVENT_WRITE
 
     def send(self, data: bytes) -> None:
-        """Send now, waiting for room (a running script's flush: backpressure is right)."""
+        """Send now, waiting for room (a running script's flush: backpressure is right).
+
+        Behind an earlier answer still in the outbox (only a client that sends a request
+        before reading the last answer gets there) it is queued, to keep the order."""
         if self.outbox:  # only this connection's own thread fills it: re-check under the lock
             with self.lock:
                 if self.outbox:
