@@ -41,6 +41,13 @@ pidfile = "/tmp/luafcgid-examples.pid"
 -- scripts must be readable by it.
 user = "nobody"
 
+-- Sessions (session.lua): a SQLite file in luafcgid-sessions/ beside the pidfile,
+-- shared by the worker processes. For several hosts: "redis://127.0.0.1:6379/0".
+-- session_store = "sqlite"
+-- The session cookie is Secure by default (sent only over HTTPS); the examples are
+-- plain HTTP.
+SessionCookieSecure = false
+
 -- Handed to every script as the global `Config`, and readable with con:config(name).
 Config = {
     site_name = "luafcgid examples",

@@ -169,8 +169,10 @@ class Application:
         return {"pid": os.getpid(), "requests": self.requests, "states": self.states_loaded()}
 
     def sweep(self) -> int:
-        """Heartbeat work: forget resolved paths, drop states whose files changed."""
+        """Heartbeat work: forget resolved paths, remove expired sessions, drop states
+        whose files changed."""
         self.real_paths.clear()
+        self.cache.sessions.sweep()
         return self.cache.sweep()
 
     def oldest_running(self) -> float:
@@ -182,4 +184,5 @@ class Application:
 
     def close(self) -> None:
         self.cache.close()
+        self.cache.sessions.close()
 

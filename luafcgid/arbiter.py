@@ -42,7 +42,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 import psutil
 from setproctitle import setproctitle
 
-from luafcgid import __version__, config, sock
+from luafcgid import __version__, config, sessions, sock
 from luafcgid import log as logging_setup
 from luafcgid.config import Settings
 from luafcgid.log import log
@@ -140,7 +140,7 @@ class Arbiter:
             raise StartError(f"luafcgid is already running (pid {running}, "
                              f"pidfile {self.pidfile.path})")
         self.listener = bind(self.settings)
-        self.give_logfile_to_workers()
+        self.give_files_to_workers()
 
     def run(self, ready_fd: Optional[int] = None) -> int:
         """Supervise workers until stopped; the exit status (0 or 1)."""
@@ -289,7 +289,7 @@ class Arbiter:
         self.move_pidfile(settings.pidfile)
         self.settings = settings
         self.owner = owner
-        self.give_logfile_to_workers()
+        self.give_files_to_workers()
         self.processes = settings.processes
         self.generation += 1
         self.status_dirty = True
@@ -330,14 +330,16 @@ class Arbiter:
 
     def reopen_logs(self) -> None:
         logging_setup.reopen()
-        self.give_logfile_to_workers()
+        self.give_files_to_workers()
         log.info("USR1: log reopened")
         for worker in self.workers.values():
             send(worker.pid, signal.SIGUSR1)
 
-    def give_logfile_to_workers(self) -> None:
-        """Workers write and reopen their logs themselves: once privileges are dropped they
-        must own the files (created here, as root, when missing)."""
+    def give_files_to_workers(self) -> None:
+        """Workers write and reopen their logs, and write the SQLite session file,
+        themselves: once privileges are dropped they must own them (created here, as
+        root, when missing)."""
+        self.prepare_sessions()
         if self.owner is None:
             return
         uid, gid, user = self.owner
@@ -351,6 +353,28 @@ class Arbiter:
             except OSError as error:
                 log.warning("cannot give the log file %s to %s (%s): workers may fail to "
                             "write or reopen it", path, user, error.strerror)
+
+    def prepare_sessions(self) -> None:
+        """Import the session store's modules now (a worker that dropped privileges may
+        not be able to), and make the SQLite file's directory, owned by the workers'
+        user: SQLite creates its -wal and -shm files beside the database."""
+        store = self.settings.session_store
+        try:
+            sessions.store_class(store)
+        except sessions.StoreError as error:
+            log.warning("%s: scripts using Session will fail", error)
+        if not store.startswith("sqlite:"):
+            return
+        directory = os.path.dirname(store[len("sqlite:"):])
+        try:
+            if not os.path.isdir(directory):
+                os.makedirs(directory, 0o700)
+                if self.owner is not None:
+                    os.chown(directory, self.owner[0], self.owner[1])
+        except OSError as error:
+            log.warning("cannot make the session directory %s (%s): scripts using Session "
+                        "will fail; create it for the workers' user or set session_store",
+                        directory, error.strerror)
 
     # -- workers: birth -------------------------------------------------------------------
 

@@ -389,6 +389,23 @@ def lua_module(name: str) -> ModuleType:
                       "choose another or install a lupa that has it")
 
 
+# The SQLite file of ``session_store = "sqlite"``: in this directory beside the pidfile.
+SESSION_DIR = "luafcgid-sessions"
+
+
+def session_store(value: Any, config_dir: str) -> str:
+    """``"sqlite"`` (derived: beside the pidfile), ``"sqlite:PATH"`` or a Redis URL."""
+    text = one_line(value, config_dir)
+    if text == "sqlite":
+        return DERIVED
+    if text.startswith("sqlite:") and len(text) > len("sqlite:"):
+        return "sqlite:" + _resolve(text[len("sqlite:"):], config_dir)
+    if text.startswith(("redis://", "rediss://", "unix://")):
+        return text
+    raise Invalid('expected "sqlite", "sqlite:/path/to/sessions.db" or '
+                  f'"redis://host:port/db", got "{text}"')
+
+
 def lua_version(value: Any, config_dir: str) -> str:
     # lua = 5.4 (a number) means "5.4".
     if isinstance(value, float):
@@ -463,6 +480,7 @@ KEYS: Dict[str, Tuple[Check, Any]] = {
     "access_log_format": (access_format, DEFAULT_ACCESS_FORMAT),
     "loglevel": (one_of(tuple(LEVELS)), "info"),
     "lua": (lua_version, "5.4"),
+    "session_store": (session_store, DERIVED),
 }
 
 # The Settings field of a key, where the names differ.
@@ -559,6 +577,7 @@ class Settings:
     access_log_format: str
     loglevel: str
     lua: str
+    session_store: str
     session: dict
     # name → value as a script sees it through con:config(name); built once.
     _visible: dict = field(init=False, repr=False, compare=False)
@@ -652,6 +671,9 @@ def _derive(settings: dict, given: dict, path: str) -> None:
         settings["states"] = 2 * settings["workers"]
     if settings["clones"] is DERIVED:
         settings["clones"] = settings["states"]
+    if settings["session_store"] is DERIVED:
+        sessions_dir = os.path.join(os.path.dirname(settings["pidfile"]), SESSION_DIR)
+        settings["session_store"] = "sqlite:" + os.path.join(sessions_dir, "sessions.db")
     if settings["clones"] > settings["states"]:
         name = given["clones"][0]
         raise ConfigError(path, name, f"must be <= states ({settings['states']}), "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from typing import List
+from typing import List, Optional
 
 import pytest
 
@@ -358,3 +358,70 @@ def test_uncaught_errors_leave_the_state_serving(site, lua):
         # the error points at the script's call, not into the module
         assert "page.lua:5: invalid JSON at position" in failure.value.message
         assert web.serve(page, body=b"[1]") == response(b"%d [1]" % (2 * number))
+
+
+# --- the same batteries on con --------------------------------------------------------------
+
+CON_PAGE = """
+    function main(env, con)
+        local what = env.WHAT
+        if what == "query" then
+            local q = con:query()
+            con:puts(q.a[1] .. q.a[2] .. "|" .. q.b .. "|" .. tostring(con:query() == q))
+        elseif what == "form" then
+            local f = con:form()
+            local upload = f.upload
+            if upload then
+                con:puts(f.title.data .. "|" .. upload.filename .. "|" .. upload.content_type
+                         .. "|" .. upload.data)
+            else
+                con:puts(tostring(f.x) .. "|" .. tostring(f.y and f.y[2]) .. "|"
+                         .. tostring(next(f) == nil and "empty" or "fields"))
+            end
+        elseif what == "cookie" then
+            con:cookie("theme", "dark", {path = "/", max_age = 60, httponly = true,
+                                          samesite = "Lax"})
+            con:cookie("lang", "fr")
+            con:puts(tostring(con:cookies().sid) .. "|" .. tostring(con:cookies() == Cookies))
+        elseif what == "json" then
+            con:json({ok = true})
+        elseif what == "escape" then
+            con:puts(con:escape("<b>&"))
+        elseif what == "redirect" then
+            con:redirect("/login", 303)
+        end
+    end
+"""
+
+
+@pytest.mark.parametrize("lua", RUNTIMES)
+def test_batteries_on_con(site, lua):
+    web = site(lua)
+    page = web.script(CON_PAGE)
+
+    def serve(what: bytes, params: Optional[dict] = None, body: bytes = b"") -> bytes:
+        return web.serve(page, {b"WHAT": what, **(params or {})}, body=body)
+
+    assert serve(b"query", {b"QUERY_STRING": b"a=1&b=x%20y&a=2"}) == response(b"12|x y|true")
+    urlencoded = {b"CONTENT_TYPE": b"application/x-www-form-urlencoded; charset=UTF-8"}
+    assert serve(b"form", urlencoded, b"x=1+2&y=a&y=b") == response(b"1 2|b|fields")
+    assert serve(b"form", {b"CONTENT_TYPE": b"text/plain"}, b"x=1") == response(
+        b"nil|nil|empty")
+    boundary = b"XyZ"
+    multipart = (b"--XyZ\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nHi\r\n"
+                 b"--XyZ\r\nContent-Disposition: form-data; name=\"upload\"; "
+                 b"filename=\"a.txt\"\r\nContent-Type: text/plain\r\n\r\nline1\r\nline2\r\n"
+                 b"--XyZ--\r\n")
+    assert serve(b"form", {b"CONTENT_TYPE": b"multipart/form-data; boundary=" + boundary},
+                 multipart) == response(b"Hi|a.txt|text/plain|line1\r\nline2")
+    assert serve(b"cookie", {b"HTTP_COOKIE": b"sid=abc; x=1"}) == response(
+        b"abc|true", headers=b"Set-Cookie: theme=dark; Path=/; Max-Age=60; HttpOnly; "
+        b"SameSite=Lax\r\nSet-Cookie: lang=fr\r\n")
+    assert serve(b"json") == response(b'{"ok":true}', content_type=b"application/json")
+    assert serve(b"escape") == response(b"&lt;b&gt;&amp;")
+    assert serve(b"redirect") == response(b"", b"303 See Other", headers=b"Location: /login\r\n")
+    # a bad multipart body is a Lua error at the script's line; the state serves on
+    with pytest.raises(ScriptError) as failure:
+        serve(b"form", {b"CONTENT_TYPE": b"multipart/form-data; boundary=nope"}, multipart)
+    assert "page.lua:" in failure.value.message and "multipart" in failure.value.message
+    assert serve(b"escape") == response(b"&lt;b&gt;&amp;")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,10 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture(scope="module")
-def examples(tmp_path_factory):
-    base = tmp_path_factory.mktemp("examples")
+def examples():
+    # not pytest's tmp dir: the workers run as "nobody" and keep sessions beside the pidfile
+    base = Path(tempfile.mkdtemp(prefix="luafcgid-examples-"))
+    base.chmod(0o755)
     listen = f"127.0.0.1:{free_port()}"
     config = (EXAMPLES / "config.lua").read_text()
     config = re.sub(r'(?m)^listen = .*$', f'listen = "{listen}"', config)
@@ -25,6 +29,7 @@ def examples(tmp_path_factory):
     yield nginx
     nginx.stop()
     server.stop()
+    shutil.rmtree(base)
 
 
 def get(nginx, path, **kwargs):
@@ -70,3 +75,18 @@ def test_legacy_globals(examples):
     reply = get(examples, "/legacy.lua", headers={"Cookie": "theme=dark"})
     assert reply.header("X-Example") == "luafcgid2"
     assert b"Method: GET" in reply.body and b"Cookie theme = dark" in reply.body
+
+
+def test_session_sign_in_visits_sign_out(examples):
+    assert b"Sign in" in get(examples, "/session.lua").body
+    login = get(examples, "/session.lua", method="POST", body=b"name=%3Ci%3EAda",
+                headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert (login.status, login.header("Location")) == (303, "session.lua")
+    cookie = login.header("Set-Cookie").split(";")[0]
+    assert cookie.startswith("XLuaSession=")
+    for visit in (1, 2, 3):  # whichever worker answers, the session is the same
+        body = get(examples, "/session.lua", headers={"Cookie": cookie}).body
+        assert b"Hello, &lt;i&gt;Ada: visit %d of this session." % visit in body
+    logout = get(examples, "/session.lua?action=logout", headers={"Cookie": cookie})
+    assert logout.header("Set-Cookie").startswith("XLuaSession=;")
+    assert b"Sign in" in get(examples, "/session.lua", headers={"Cookie": cookie}).body

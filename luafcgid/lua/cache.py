@@ -47,6 +47,7 @@ class StateCache:
     def __init__(self, settings: Any, worker_number: int = 1,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._blueprint = Blueprint(settings, worker_number)
+        self.sessions = self._blueprint.sessions  # the Session store's bridge (heartbeat sweep)
         self._states = settings.states
         self._clones = settings.clones
         # retries = 0 still looks once: a request must look before it loads.

@@ -138,10 +138,17 @@ local function take_body()
 end
 
 -- The head up to the script's headers (no blank line).
+local session_cookie  -- session.lua: the Set-Cookie value this request needs, or nil
+
 local function head()
     local start = default_prefix
     if status ~= default_status or content_type ~= default_content_type then
         start = "Status: " .. status .. "\r\nContent-Type: " .. content_type .. "\r\n" .. default_headers
+    end
+    local cookie = session_cookie()
+    if cookie then
+        header_count = header_count + 1
+        headers[header_count] = "Set-Cookie: " .. cookie .. "\r\n"
     end
     local count = header_count
     if count == 0 then
@@ -280,9 +287,83 @@ local function config(_, name)
     return config_values[name]
 end
 
+-- The batteries on con: require("luafcgid") does the work, loaded at the first use.
+
+local require = require
+local helpers_module
+local function helpers()
+    if not helpers_module then
+        helpers_module = require("luafcgid")
+    end
+    return helpers_module
+end
+
+-- A module function called for a con method: its errors point at the script's line.
+local pcall = pcall
+local function battery(name, ...)
+    local module = helpers()
+    local ok, result = pcall(module[name], ...)
+    if not ok then
+        error(tostring(result):gsub("^[^\n]-:%d+: ", ""), 3)
+    end
+    return result
+end
+
+local request_env                       -- this request's env, for the batteries
+local query_fields, form_fields, cookie_fields  -- parsed once per request, at first ask
+
+local function query()
+    if not query_fields then
+        query_fields = battery("parse", request_env.QUERY_STRING or "")
+    end
+    return query_fields
+end
+
+-- The body as fields: urlencoded or multipart/form-data by CONTENT_TYPE; {} otherwise.
+local function form()
+    if not form_fields then
+        local kind = (request_env.CONTENT_TYPE or ""):lower()
+        if kind:find("^%s*application/x%-www%-form%-urlencoded") then
+            form_fields = battery("parse", request_body or "")
+        elseif kind:find("^%s*multipart/form%-data") then
+            form_fields = battery("parse_multipart", request_body or "",
+                request_env.CONTENT_TYPE)
+        else
+            form_fields = {}
+        end
+    end
+    return form_fields
+end
+
+local function cookies()
+    return cookie_fields
+end
+
+local function set_cookie(con_, name, value, cookie_options)
+    return header(con_, "Set-Cookie", battery("cookie", name, value, cookie_options))
+end
+
+local function redirect(con_, url, code)
+    return battery("redirect", con_, url, code)
+end
+
+local function json(con_, value)
+    local encoded = battery("json_encode", value)
+    if not head_sent then
+        content_type = "application/json"
+    end
+    return puts(con_, encoded)
+end
+
+local function escape(_, s)
+    return battery("html_escape", s)
+end
+
 local con = {
     puts = puts, header = header, status = set_status, gets = gets,
     flush = flush, reset = reset, log = log, config = config,
+    query = query, form = form, cookies = cookies, cookie = set_cookie,
+    redirect = redirect, json = json, escape = escape,
 }
 
 -- The luafcgid2 globals. Env and Cookies are set per request, Info.Thread too.
@@ -301,6 +382,13 @@ function Receive() return gets() end
 function RespStatus(s) return set_status(con, s) end
 function RespContentType(s) return set_content_type(s) end
 function Dir() return dir end
+
+-- Session: luafcgid2's sessions (session.lua), stored through the Python bridge.
+local session_options = options.session
+session_options.can_set_cookie = function() return not head_sent end
+local session_chunk = assert((loadstring or load)(options.session_chunk, "=session.lua"))
+local session_begin
+Session, session_begin, session_cookie = session_chunk(session_options)
 
 function ThreadData()
     local flat, counts = {thread_data()}, {}
@@ -463,7 +551,10 @@ local function run(env, request, thread, start)
     head_sent, streaming = false, not buffering
     local cookie_header = env.HTTP_COOKIE
     rawset(G, "Env", env)
-    rawset(G, "Cookies", cookie_header and parse_cookies(cookie_header) or {})
+    local cookies = cookie_header and parse_cookies(cookie_header) or {}
+    rawset(G, "Cookies", cookies)
+    session_begin(env, cookies)
+    request_env, cookie_fields, query_fields, form_fields = env, cookies, nil, nil
     info.Thread = thread
     rawset(G, "Info", info)
     local found = G[handler_name]
