@@ -35,6 +35,9 @@ CREATE TABLE IF NOT EXISTS variables (
 ) WITHOUT ROWID;
 """
 
+# Seconds: the expiry a read leaves alone (see SqliteStore.refresh_after).
+REFRESH_AFTER = 60.0
+
 # Milliseconds a writer waits for another process's transaction before failing.
 BUSY_TIMEOUT_MS = 5000
 
@@ -45,6 +48,10 @@ class SqliteStore(Store):
     def __init__(self, path: str, lifetime: int, weights: Weights, key_length: int) -> None:
         super().__init__(lifetime, weights, key_length)
         self.path = path
+        # Reads refresh the expiry at most this often: a write per read would cost more
+        # than the read (measured in-process: 91 us against ~20 us per request reading a
+        # session; 7 us without Session).
+        self.refresh_after = min(REFRESH_AFTER, lifetime / 10)
         self.name = f"sqlite:{path}"
         self._local = threading.local()
         self._connections: List[sqlite3.Connection] = []
@@ -84,14 +91,18 @@ class SqliteStore(Store):
         db = self._db()
         now = time.time()
         try:
-            row = db.execute("SELECT address, agent, language FROM sessions "
-                             "WHERE key = ? AND expires >= ?", (key, now)).fetchone()
-            if row is None or not self.weights.accepts(Identity(*row), identity):
+            rows = db.execute(
+                "SELECT s.address, s.agent, s.language, s.expires, v.realm, v.name, v.value "
+                "FROM sessions AS s LEFT JOIN variables AS v ON v.key = s.key "
+                "WHERE s.key = ? AND s.expires >= ?", (key, now)).fetchall()
+            if not rows or not self.weights.accepts(Identity(*rows[0][:3]), identity):
                 return None
-            db.execute("UPDATE sessions SET expires = ?, address = ?, agent = ?, language = ? "
-                       "WHERE key = ?", (now + self.lifetime, *identity, key))
-            return db.execute("SELECT realm, name, value FROM variables WHERE key = ?",
-                              (key,)).fetchall()
+            # A read is a write only when it must be: a new identity, or an expiry
+            # REFRESH_AFTER seconds old (the slide's granularity).
+            if rows[0][:3] != identity or rows[0][3] < now + self.lifetime - self.refresh_after:
+                db.execute("UPDATE sessions SET expires = ?, address = ?, agent = ?, "
+                           "language = ? WHERE key = ?", (now + self.lifetime, *identity, key))
+            return [row[4:] for row in rows if row[4] is not None]
         except sqlite3.Error as error:
             raise self._failed(error) from None
 
