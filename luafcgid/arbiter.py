@@ -368,7 +368,7 @@ class Arbiter:
         directory = os.path.dirname(store[len("sqlite:"):])
         try:
             if not os.path.isdir(directory):
-                os.makedirs(directory, 0o700)
+                os.mkdir(directory, 0o700)  # not its parents: a missing parent is a typo
                 if self.owner is not None:
                     os.chown(directory, self.owner[0], self.owner[1])
         except OSError as error:

@@ -108,12 +108,12 @@ class _Connection:
 
     def __init__(self, url: str) -> None:
         self.pid = os.getpid()
-        # One retry, at once and on a new connection, for a pooled connection that
-        # Redis closed (restart, idle timeout); never on a timeout, which would double it.
-        retry = Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+        # No retries: they would multiply the time a dead Redis holds a Lua thread (some
+        # redis-py versions default to 3 with back-off). A pooled connection that Redis
+        # closed is replaced when it is taken from the pool, without a retry.
         self.client = redis.Redis.from_url(
             url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT,
-            retry=retry)
+            retry=Retry(NoBackoff(), 0))
         self.put_identity = self.client.register_script(PUT_IDENTITY)
         self.set_variable = self.client.register_script(SET_VARIABLE)
         self.clear_variables = self.client.register_script(CLEAR_VARIABLES)
