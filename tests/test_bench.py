@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -39,3 +40,14 @@ def test_quick_hello_run_on_luafcgid_reports_requests_and_no_errors(tmp_path: Pa
         assert row["cpu_us_per_req"] > 0, row
         assert len(row["rounds"]) == 1, row
     assert "hello c32 keep" in result.stdout   # the table
+
+
+def test_bench_memory_loads_the_states_it_reports() -> None:
+    script = BENCH.parent / "bench_memory"
+    result = subprocess.run([sys.executable, str(script), "--scripts", "12"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    rss = {label: float(value) for label, value in
+           re.findall(r"^worker, (1 state|12 states)\D+([\d.]+)", result.stdout, re.M)}
+    # twelve states take more memory than one: the requests really loaded them
+    assert rss["12 states"] > rss["1 state"] > 0, result.stdout
