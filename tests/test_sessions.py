@@ -361,3 +361,20 @@ def test_the_session_dir_belongs_to_the_workers_user():
             assert web.get("/who.lua", headers={"Cookie": cookie}).body.endswith(b" frank")
     finally:
         shutil.rmtree(base)
+
+
+def test_the_heartbeat_sweeps_expired_sessions(tmp_path):
+    database = tmp_path / "sessions.db"
+    with WebSite(tmp_path, {"who.lua": WHOAMI}, sweep=200, SessionTime=1,
+                 session_store=f"sqlite:{database}", SessionCookieSecure=False) as web:
+        assert web.get("/who.lua?login").body.endswith(b" frank")
+
+        def sessions_left() -> int:
+            with sqlite3.connect(database) as db:
+                return db.execute("SELECT count(*) FROM sessions").fetchone()[0]
+
+        assert sessions_left() == 1
+        # no request touches it: only the worker's heartbeat can remove it
+        wait_until(lambda: sessions_left() == 0, timeout=10, what="the sweep")
+        with sqlite3.connect(database) as db:
+            assert db.execute("SELECT count(*) FROM variables").fetchone()[0] == 0
