@@ -262,16 +262,15 @@ class Connection:
     """
 
     __slots__ = (
-        "_values", "_maxpost", "_partial", "_needed",
+        "_max_conns", "_max_reqs", "_maxpost", "_partial", "_needed",
         "_request_id", "_keep_conn", "_last_id", "_refused",
         "_params", "_params_ref", "_params_buffer",
         "_body_chunks", "_body_size", "_body_ended",
     )
 
     def __init__(self, max_conns: int, max_reqs: int, maxpost: int) -> None:
-        self._values = {b"FCGI_MAX_CONNS": str(max_conns).encode(),
-                        b"FCGI_MAX_REQS": str(max_reqs).encode(),
-                        b"FCGI_MPXS_CONNS": b"0"}
+        self._max_conns = max_conns
+        self._max_reqs = max_reqs
         self._maxpost = maxpost
         self._partial = bytearray()  # the start of a record not yet complete
         self._needed = 0             # bytes _partial must hold before parsing again
@@ -433,7 +432,10 @@ class Connection:
 
     def _get_values(self, data: bytes, start: int, end: int) -> Reply:
         """GET_VALUES: our figures for the names asked; unknown names are left out."""
-        values = self._values
+        # Built here, not per connection: almost no connection asks.
+        values = {b"FCGI_MAX_CONNS": str(self._max_conns).encode(),
+                  b"FCGI_MAX_REQS": str(self._max_reqs).encode(),
+                  b"FCGI_MPXS_CONNS": b"0"}
         known = [(name, values[name]) for name in _decode_pairs(data, start, end)
                  if name in values]
         return Reply(encode_record(GET_VALUES_RESULT, 0, encode_pairs(known)))
