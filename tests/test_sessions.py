@@ -378,3 +378,12 @@ def test_the_heartbeat_sweeps_expired_sessions(tmp_path):
         wait_until(lambda: sessions_left() == 0, timeout=10, what="the sweep")
         with sqlite3.connect(database) as db:
             assert db.execute("SELECT count(*) FROM variables").fetchone()[0] == 0
+
+
+def test_a_key_the_client_made_up_is_never_adopted(site):
+    web = site()
+    browser = Client(web, web.script(PAGE))
+    browser.cookie = "chosen_by_the_attacker_1"
+    assert browser.ask("login", "gina") == "welcome gina"
+    assert browser.cookie != "chosen_by_the_attacker_1" and len(browser.cookie) == 24
+    assert browser.ask("whoami") == "gina"
