@@ -154,3 +154,29 @@ def test_tcp_listeners_defer_accept_and_give_accepted_connections_nodelay() -> N
                 assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     finally:
         sock.close(listener)
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_listeners_keep_their_family_and_type_for_accept(kind: str, tmp_path: Path) -> None:
+    """bind() gives a Listener whose family and type are read once, as the same enums a
+    plain socket gives; its accept() hands out plain sockets of that family and type."""
+    listen = str(tmp_path / "fcgi.sock") if kind == "unix" else "127.0.0.1:0"
+    family = socket.AF_UNIX if kind == "unix" else socket.AF_INET
+    listener = sock.bind(listen, 16)
+    try:
+        assert isinstance(listener, sock.Listener)
+        assert type(listener.family) is socket.AddressFamily and listener.family == family
+        assert type(listener.type) is socket.SocketKind
+        assert listener.type == socket.SOCK_STREAM
+        with socket.socket(family, socket.SOCK_STREAM) as client:
+            client.settimeout(5)
+            client.connect(listener.getsockname())
+            client.sendall(b"x")  # a deferred TCP connection is handed over once data came
+            listener.settimeout(5)
+            accepted, _ = listener.accept()
+            with accepted:
+                assert type(accepted) is socket.socket
+                assert (accepted.family, accepted.type) == (family, socket.SOCK_STREAM)
+                assert accepted.recv(1) == b"x"
+    finally:
+        sock.close(listener)
