@@ -89,10 +89,9 @@ class Application:
 
     def run(self, script: str, request: Request, sink: Callable[[bytes], None],
             thread_number: int) -> bytes:
-        docroot = request.params.get(b"DOCUMENT_ROOT")
         try:
-            state = self.cache.acquire(script, os.fsdecode(docroot) if docroot else
-                                       (self.settings.root or ""))
+            # bytes as sent: decoded only when a state is loaded, not per request
+            state = self.cache.acquire(script, request.params.get(b"DOCUMENT_ROOT", b""))
         except ScriptError as failure:
             return self.script_failed(failure, "loading")
         try:

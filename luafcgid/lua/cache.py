@@ -24,7 +24,7 @@ from itertools import chain, count
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from luafcgid.log import log
-from luafcgid.lua.state import Blueprint, State
+from luafcgid.lua.state import Blueprint, DocRoot, State
 
 
 def _thread_data(cache_ref: weakref.ReferenceType) -> tuple:
@@ -62,7 +62,7 @@ class StateCache:
         self._numbers = count(1)
         self._thread_data = functools.partial(_thread_data, weakref.ref(self))
 
-    def acquire(self, script: str, docroot: str) -> State:
+    def acquire(self, script: str, docroot: DocRoot) -> State:
         """A state of ``script`` (a checked real path) for one request; may load one.
 
         Raises :class:`ScriptError` when the script fails to load.
@@ -205,7 +205,7 @@ class StateCache:
 
     # --- outside the lock -----------------------------------------------------------------
 
-    def _load(self, script: str, docroot: str, kept: bool) -> State:
+    def _load(self, script: str, docroot: DocRoot, kept: bool) -> State:
         try:
             state = State(self._blueprint, script, docroot, next(self._numbers),
                           self._thread_data)

@@ -43,7 +43,7 @@ import os
 import time
 from math import log1p
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 from luafcgid.config import ALIASES, KEYS, lua_module
 from luafcgid.log import log
@@ -58,6 +58,9 @@ SESSION_PATH = HERE / "session.lua"
 MEMORY_MESSAGE = b"not enough memory"
 # Instructions between two watchdog looks: one look is an os.time() call, ~0.1 us.
 HOOK_COUNT = 1000
+
+# A document root: DOCUMENT_ROOT as the web server sent it (bytes), or a path.
+DocRoot = Union[bytes, str]
 
 # A file's identity on disk; None when it could not be stat'ed.
 Signature = Optional[Tuple[int, int, int]]
@@ -220,10 +223,10 @@ class State:
                  "started", "_runtime", "_run", "_table_from", "_outlet", "_lua_error",
                  "_memory_error")
 
-    def __init__(self, blueprint: Blueprint, script: str, docroot: str, number: int,
+    def __init__(self, blueprint: Blueprint, script: str, docroot: DocRoot, number: int,
                  thread_data: Callable[[], tuple]) -> None:
         """Load ``script``; ``docroot`` (else ``root``) joins its directory in package.path."""
-        docroot = docroot or blueprint.root
+        docroot = os.fsencode(docroot or blueprint.root)
         self.script = script
         self.number = number
         self.hits = 0
@@ -246,7 +249,7 @@ class State:
         options.update({
             b"script": os.fsencode(script),
             b"dir": os.fsencode(os.path.dirname(script)),
-            b"docroot": os.fsencode(docroot.rstrip("/") or docroot),
+            b"docroot": docroot.rstrip(b"/") or docroot,
             b"state_number": number,
             b"outlet": self._outlet,
             b"log": functools.partial(_script_log, script),
