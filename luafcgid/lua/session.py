@@ -12,7 +12,8 @@ whose scripts never use ``Session`` never touches it.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Any, Callable, Optional
 
 from luafcgid.log import log
 from luafcgid.sessions import Identity, Store, StoreError, open_store
@@ -36,11 +37,7 @@ class SessionBridge:
              out: Any) -> Any:
         """True and ``out`` filled with realm, name, value, realm, ... when the session
         is there for this client; False when not."""
-        try:
-            found = self._opened().open(key.decode("latin-1"),
-                                        Identity(address, agent, language))
-        except StoreError as error:
-            return None, str(error)
+        found = self._opened().open(key.decode("latin-1"), Identity(address, agent, language))
         if found is None:
             return False
         index = 0
@@ -50,32 +47,25 @@ class SessionBridge:
                 out[index] = bytes(part)
         return True
 
-    def create(self, address: bytes, agent: bytes, language: bytes) -> Any:
+    def create(self, address: bytes, agent: bytes, language: bytes) -> bytes:
         """The key of a new session, as bytes."""
-        try:
-            return self._opened().create(Identity(address, agent, language)).encode("latin-1")
-        except StoreError as error:
-            return None, str(error)
+        return self._opened().create(Identity(address, agent, language)).encode("latin-1")
 
-    def set(self, key: bytes, realm: bytes, name: bytes, value: Optional[bytes]) -> Any:
-        try:
-            return self._opened().set(key.decode("latin-1"), realm, name, value)
-        except StoreError as error:
-            return None, str(error)
+    def set(self, key: bytes, realm: bytes, name: bytes, value: Optional[bytes]) -> bool:
+        return self._opened().set(key.decode("latin-1"), realm, name, value)
 
-    def clear(self, key: bytes, realm: Optional[bytes]) -> Any:
-        try:
-            self._opened().clear(key.decode("latin-1"), realm)
-        except StoreError as error:
-            return None, str(error)
+    def clear(self, key: bytes, realm: Optional[bytes]) -> bool:
+        self._opened().clear(key.decode("latin-1"), realm)
         return True
 
-    def delete(self, key: bytes) -> Any:
-        try:
-            self._opened().delete(key.decode("latin-1"))
-        except StoreError as error:
-            return None, str(error)
+    def delete(self, key: bytes) -> bool:
+        self._opened().delete(key.decode("latin-1"))
         return True
+
+    def lua_functions(self) -> dict:
+        """What ``session.lua`` gets: each call with store failures as ``nil, message``."""
+        return {name.encode(): _failure_as_answer(getattr(self, name))
+                for name in ("open", "create", "set", "clear", "delete")}
 
     def sweep(self) -> int:
         """Heartbeat work: remove expired sessions (only once this worker used the store)."""
@@ -91,3 +81,15 @@ class SessionBridge:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+
+def _failure_as_answer(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` as Lua calls it: a StoreError comes back as ``None, message``
+    (a Python exception raised into Lua would abort the handler with a Python object)."""
+    @functools.wraps(method)
+    def call(*args: Any) -> Any:
+        try:
+            return method(*args)
+        except StoreError as error:
+            return None, str(error)
+    return call

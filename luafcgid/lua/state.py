@@ -168,10 +168,8 @@ class Blueprint:
         self.prelude = self._compiled(PRELUDE_PATH)
 
     def _session_options(self, session: dict) -> dict:
-        bridge = self.sessions
         return {
-            b"open": bridge.open, b"create": bridge.create, b"set": bridge.set,
-            b"clear": bridge.clear, b"delete": bridge.delete,
+            **self.sessions.lua_functions(),
             b"name": session["SessionName"].encode(), b"lifetime": session["SessionTime"],
             b"secure": session["SessionCookieSecure"],
             b"httponly": session["SessionCookieHttpOnly"],

@@ -13,7 +13,8 @@ import os
 import sqlite3
 import threading
 import time
-from typing import List, Optional
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
 
 from luafcgid.sessions.base import Identity, Store, StoreError, Variable, Weights, new_key
 
@@ -65,18 +66,24 @@ class SqliteStore(Store):
         db = getattr(local, "db", None)
         if db is not None and local.pid == os.getpid():
             return db
-        try:
+        with self._db_errors():
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000,
                                  isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
             db.executescript(SCHEMA)
-        except sqlite3.Error as error:
-            raise self._failed(error) from None
         local.db, local.pid = db, os.getpid()
         with self._lock:
             self._connections.append(db)
         return db
+
+    @contextmanager
+    def _db_errors(self) -> Iterator[None]:
+        """SQLite errors inside, told as :class:`StoreError`."""
+        try:
+            yield
+        except sqlite3.Error as error:
+            raise self._failed(error) from None
 
     def _failed(self, error: sqlite3.Error) -> StoreError:
         hint = ("check that the directory exists and belongs to the workers' user, "
@@ -90,7 +97,7 @@ class SqliteStore(Store):
     def open(self, key: str, identity: Identity) -> Optional[List[Variable]]:
         db = self._db()
         now = time.time()
-        try:
+        with self._db_errors():
             rows = db.execute(
                 "SELECT s.address, s.agent, s.language, s.expires, v.realm, v.name, v.value "
                 "FROM sessions AS s LEFT JOIN variables AS v ON v.key = s.key "
@@ -103,12 +110,10 @@ class SqliteStore(Store):
                 db.execute("UPDATE sessions SET expires = ?, address = ?, agent = ?, "
                            "language = ? WHERE key = ?", (now + self.lifetime, *identity, key))
             return [row[4:] for row in rows if row[4] is not None]
-        except sqlite3.Error as error:
-            raise self._failed(error) from None
 
     def create(self, identity: Identity) -> str:
         db = self._db()
-        try:
+        with self._db_errors():
             while True:
                 key = new_key(self.key_length)
                 inserted = db.execute(
@@ -116,13 +121,11 @@ class SqliteStore(Store):
                     (key, time.time() + self.lifetime, *identity)).rowcount
                 if inserted:
                     return key
-        except sqlite3.Error as error:
-            raise self._failed(error) from None
 
     def set(self, key: str, realm: bytes, name: bytes, value: Optional[bytes]) -> bool:
         db = self._db()
         now = time.time()
-        try:
+        with self._db_errors():
             with db:  # one transaction: the session is alive when the variable lands
                 db.execute("BEGIN IMMEDIATE")
                 alive = db.execute("UPDATE sessions SET expires = ? WHERE key = ? "
@@ -136,40 +139,32 @@ class SqliteStore(Store):
                     db.execute("INSERT OR REPLACE INTO variables VALUES (?, ?, ?, ?)",
                                (key, realm, name, value))
             return True
-        except sqlite3.Error as error:
-            raise self._failed(error) from None
 
     def clear(self, key: str, realm: Optional[bytes]) -> None:
         db = self._db()
-        try:
+        with self._db_errors():
             if realm is None:
                 db.execute("DELETE FROM variables WHERE key = ?", (key,))
             else:
                 db.execute("DELETE FROM variables WHERE key = ? AND realm = ?", (key, realm))
-        except sqlite3.Error as error:
-            raise self._failed(error) from None
 
     def delete(self, key: str) -> None:
         db = self._db()
-        try:
+        with self._db_errors():
             with db:
                 db.execute("BEGIN IMMEDIATE")
                 db.execute("DELETE FROM variables WHERE key = ?", (key,))
                 db.execute("DELETE FROM sessions WHERE key = ?", (key,))
-        except sqlite3.Error as error:
-            raise self._failed(error) from None
 
     def sweep(self) -> int:
         db = self._db()
         now = time.time()
-        try:
+        with self._db_errors():
             with db:
                 db.execute("BEGIN IMMEDIATE")
                 db.execute("DELETE FROM variables WHERE key IN "
                            "(SELECT key FROM sessions WHERE expires < ?)", (now,))
                 return db.execute("DELETE FROM sessions WHERE expires < ?", (now,)).rowcount
-        except sqlite3.Error as error:
-            raise self._failed(error) from None
 
     def close(self) -> None:
         with self._lock:
