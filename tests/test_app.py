@@ -95,11 +95,14 @@ def test_body_too_large_is_413(www):
     assert status_of(output) == 413
 
 
-def test_script_deleted_after_first_request_is_404(www):
+def test_script_deleted_after_first_request_is_404_once_paths_are_forgotten(www):
+    """The worker forgets paths every second: until then the known script is not stat'ed."""
     app = make_app()
     path = www / "hello.lua"
     assert status_of(app.handle(request(str(path)), lambda data: None, 1)) == 200
     path.unlink()
+    assert status_of(app.handle(request(str(path)), lambda data: None, 1)) == 200
+    app.forget_paths()
     assert status_of(app.handle(request(str(path)), lambda data: None, 1)) == 404
 
 
@@ -123,7 +126,18 @@ def test_error_log_names_script_and_traceback(www, log_lines):
     assert "boom.lua" in text and "kaboom" in text and "traceback" in text.lower()
 
 
-def test_sweep_forgets_resolved_paths(tmp_path, www):
+def test_script_deleted_before_its_state_is_loaded_again_is_404(www):
+    """The heartbeat dropped the state of a deleted script whose path is still known:
+    the failed load is a 404, as the next look at the path would say, not a 500."""
+    app = make_app()
+    path = www / "hello.lua"
+    assert status_of(app.handle(request(str(path)), lambda data: None, 1)) == 200
+    path.unlink()
+    assert app.sweep() == 1
+    assert status_of(app.handle(request(str(path)), lambda data: None, 1)) == 404
+
+
+def test_forget_paths_sees_a_moved_symlink(tmp_path, www):
     app = make_app(root=str(www))
     link = www / "moving.lua"
     link.symlink_to(www / "hello.lua")
@@ -132,5 +146,5 @@ def test_sweep_forgets_resolved_paths(tmp_path, www):
     outside.write_text(HELLO)
     link.unlink()
     link.symlink_to(outside)
-    app.sweep()
+    app.forget_paths()
     assert status_of(app.handle(request(str(link)), lambda data: None, 1)) == 403

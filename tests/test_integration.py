@@ -153,6 +153,24 @@ def test_missing_script_is_404(site):
     assert reply.header("X-Powered-By") == "luafcgid"
 
 
+def test_deleted_script_is_404_within_a_second(site):
+    """Known scripts are not stat'ed per request: the worker looks again every second."""
+    doomed = site.docroot / "doomed.lua"
+    doomed.write_text('function main(env, con) con:puts("alive") end')
+    assert site.get("/doomed.lua").body == b"alive"
+    doomed.unlink()
+    deleted_at = time.monotonic()
+    statuses = []
+
+    def gone() -> bool:
+        statuses.append(site.get("/doomed.lua").status)
+        return statuses[-1] == 404
+
+    wait_until(gone, timeout=5, what="the deleted script to be a 404")
+    assert time.monotonic() - deleted_at < 2.5
+    assert set(statuses) <= {200, 404}  # served from its state, then 404: never a 500
+
+
 def test_errors_are_500_without_details(site):
     for path in ("/syntax.lua", "/boom.lua", "/nohandler.lua"):
         reply = site.get(path)

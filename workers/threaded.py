@@ -206,8 +206,10 @@ class ThreadWorker(Worker):
     def take_baton(self, me: int) -> bool:
         """Wait until this thread holds the event loop; False once the worker is done."""
         idle_polls = 0
-        with self.baton:
-            while not self.finished:
+        while True:
+            with self.baton:
+                if self.finished:
+                    return False
                 if not self.holder:
                     self.holder = me
                     return True
@@ -216,18 +218,30 @@ class ThreadWorker(Worker):
                 if self.standby != me:
                     self.baton.wait()
                     continue
-                self.baton.wait(HANDOFF_AFTER)
-                since = self.running_since
-                if since and time.monotonic() - since > HANDOFF_AFTER:
-                    self.holder, self.standby, self.running_since = me, 0, 0.0
-                    self.baton.notify()  # another thread becomes the standby
-                    return True
-                idle_polls = 0 if since else idle_polls + 1
                 if idle_polls >= PARK_AFTER_POLLS:
                     self.standby_parked = True
                     self.standby_wakeup.wait()  # run_ready wakes it as a request starts
                     idle_polls = 0
-            return False
+                    continue
+            # The standby polls without the lock: taking it 500 times a second made the
+            # holder wait for it (measured: ~1 µs of CPU per request at 40k req/s).
+            time.sleep(HANDOFF_AFTER)
+            since = self.running_since
+            if not since:
+                idle_polls += 1
+            elif time.monotonic() - since > HANDOFF_AFTER and self.take_over(me, since):
+                return True
+            else:
+                idle_polls = 0
+
+    def take_over(self, me: int, since: float) -> bool:
+        """The standby takes the loop from a holder still in the request begun at ``since``."""
+        with self.baton:
+            if self.finished or self.standby != me or self.running_since != since:
+                return False
+            self.holder, self.standby, self.running_since = me, 0, 0.0
+            self.baton.notify()  # another thread becomes the standby
+            return True
 
     def end_loop(self) -> None:
         with self.baton:
@@ -264,10 +278,13 @@ class ThreadWorker(Worker):
                 return
 
     def tick(self) -> None:
-        """Once a second: drop stalled clients; stop when the master is gone."""
+        """Once a second: drop stalled clients, look at scripts' paths again; stop when the
+        master is gone."""
         now = time.monotonic()
         self.next_tick = now + TICK
         self.drop_stalled(now)
+        assert self.app is not None
+        self.app.forget_paths()
         if self.ppid_changed():
             log.warning("worker %d: master is gone, stopping", self.number)
             self.stop(fast=False)
