@@ -35,7 +35,7 @@ SCRIPTS = {
     "hello.lua": 'function main(env, con) con:puts("hello") end',
     # 4 MiB: far more than a socket buffer holds, so the answer waits in the outbox.
     "big.lua": 'function main(env, con) con:puts(string.rep("x", 4 * 1024 * 1024)) end',
-    # Holds the event loop well past the 2 ms after which the standby thread takes it over;
+    # Holds the event loop well past the 5 ms after which the standby thread takes it over;
     # the file it names in its query string says it started.
     "slow.lua": 'function main(env, con) io.open(env.QUERY_STRING, "w"):close() '
                 'local t = os.clock() while os.clock() - t < 0.5 do end con:puts("slow") end',
