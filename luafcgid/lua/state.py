@@ -8,17 +8,18 @@ request's sink while the request runs. A dropped state is thus freed at once by
 reference counting, not left to a reference cycle running through Lua (MEASURED.md).
 
 The watchdog (``timeout``, ``slowlog_timeout``). lupa cannot interrupt a running Lua
-call, and calling into a runtime from another thread waits for the handler to return,
-so the only thing that can stop a handler is the handler's own state: a Lua count hook
-(``prelude.lua``), set on the state's main thread once at load and on every coroutine as
-it starts (coroutines do not inherit Lua hooks). Every ``HOOK_COUNT`` instructions it
-compares ``os.time()`` (whole seconds, a C call: no Python, no GIL) with the second of
-the next deadline, and only within that last second calls the Python clock; so a normal
-request never calls back into Python, and no watchdog thread is needed. Past ``timeout``
-it raises, then raises again on every instruction of the script (so a ``pcall`` loop
-dies too); the request gets the timeout :class:`ScriptError` and the state is dropped
-(its globals may be half-updated). Past ``slowlog_timeout`` it takes
-``debug.traceback()`` once, inside the state, for the slow log.
+call, and calling into a runtime from another thread waits for the handler to return, so
+the only thing that can stop a handler is the handler's own state: a Lua count hook
+(``prelude.lua``), set on the state's main thread while script code runs (the load, each
+handler call) and on every coroutine as it starts (coroutines do not inherit Lua hooks).
+Every ``HOOK_COUNT`` instructions it compares ``os.time()`` (whole seconds, a C call: no
+Python, no GIL) with the second of the next deadline, and only within that last second
+calls the Python clock; so a normal request never calls back into Python, and no
+watchdog thread is needed. Past ``timeout`` it raises, then raises again on every
+instruction of the script (so a ``pcall`` loop dies too); the request gets the timeout
+:class:`ScriptError` and the state is dropped (its globals may be half-updated). Past
+``slowlog_timeout`` it takes ``debug.traceback()`` once, inside the state, for the slow
+log.
 
 Costs (``scripts/bench_hooks``, µs per request, noisy 2-core machine): +0.2-0.7 µs per
 request on 5.1/5.4/5.5, +1 µs on LuaJIT. Lua 5.1 runs Lua code at full speed with the
