@@ -13,7 +13,7 @@ import os
 import pwd
 import socket
 import stat
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 # How long the kernel holds a new TCP connection that sent nothing before handing it over
 # anyway (TCP_DEFER_ACCEPT); a FastCGI client always speaks first.
@@ -25,9 +25,10 @@ class SocketError(Exception):
 
 
 class Listener(socket.socket):
-    """A listening socket whose ``family`` and ``type`` are read once.
+    """A listening socket whose ``family`` and ``type`` are read once, and whose
+    :meth:`accept` hands out plain C socket objects.
 
-    ``socket.accept()`` builds each accepted socket from ``self.family`` and
+    ``socket.socket.accept()`` builds each accepted socket from ``self.family`` and
     ``self.type``, properties that turn the C integers into enums on every call:
     ~1.2 of the ~3.4 µs an accept costs in Python. A listener's family and type never
     change, so they are kept (the same enum values the properties give).
@@ -48,6 +49,16 @@ class Listener(socket.socket):
     @property
     def type(self) -> socket.SocketKind:
         return self._kind
+
+    def accept(self) -> Tuple[socket.SocketType, Any]:
+        """A new connection and its peer address. The connection is a ``socket.SocketType``
+        (the C socket object under ``socket.socket``): no Python-level wrapper to build and
+        tear down, and its blocking mode is left as the kernel made it (blocking on Linux,
+        the listener's on BSD), so no syscall sets it. Whoever uses it passes
+        ``socket.MSG_DONTWAIT`` to every recv and send. Measured: ~1.2 µs less per connection
+        than ``socket.socket.accept`` plus ``setblocking(False)``."""
+        fd, peer = self._accept()
+        return socket.SocketType(self._family, self._kind, 0, fd), peer
 
 
 def tcp_address(listen: str) -> Optional[Tuple[str, int]]:

@@ -39,6 +39,9 @@ SCRIPTS = {
     # the file it names in its query string says it started.
     "slow.lua": 'function main(env, con) io.open(env.QUERY_STRING, "w"):close() '
                 'local t = os.clock() while os.clock() - t < 0.5 do end con:puts("slow") end',
+    # 512 KiB flushed 2 KiB at a time: more than a socket buffer, in pieces smaller than it.
+    "flushes.lua": 'function main(env, con) for i = 1, 256 do '
+                   'con:puts(string.rep("y", 2048)) con:flush() end end',
 }
 
 
@@ -115,6 +118,28 @@ def test_an_answer_read_late_is_written_whole_and_then_closed(server: Server) ->
     assert body == b"x" * (4 * 1024 * 1024)
 
 
+class SlowReader:
+    """A client that reads 4 KiB at a time, with a pause before each read."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+
+    def recv(self, size: int) -> bytes:
+        time.sleep(0.0005)  # the pace of a slow client, not a synchronisation
+        return self.conn.recv(min(size, 4096))
+
+
+def test_flushes_into_a_full_socket_wait_for_room(server: Server) -> None:
+    """A script flushing faster than its client reads finds the socket buffer full at the
+    start of a flush: the flush waits for room, and the client gets every byte."""
+    with fcgi_connect(server.listen, timeout=30) as conn:
+        conn.sendall(fcgi_request_bytes(params(server, "flushes.lua")))
+        records = read_records(SlowReader(conn), until_end_request=False)
+    assert [kind for kind, _, _ in records][-1] == protocol.END_REQUEST
+    stdout = b"".join(content for kind, _, content in records if kind == protocol.STDOUT)
+    assert stdout.partition(b"\r\n\r\n")[2] == b"y" * (256 * 2048)
+
+
 def test_a_request_that_outlasts_the_handoff_is_answered_and_closed(server: Server) -> None:
     """The slow request's thread loses the event loop to the standby; it still answers,
     the connection is still closed, and a request that came meanwhile is not held up."""
@@ -150,8 +175,10 @@ def test_tcp_listeners_defer_accept_and_give_accepted_connections_nodelay() -> N
             client.sendall(b"x")  # a deferred connection is handed over once data came
             listener.settimeout(5)
             accepted, _ = listener.accept()
-            with accepted:
+            try:
                 assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            finally:
+                accepted.close()
     finally:
         sock.close(listener)
 
@@ -159,7 +186,8 @@ def test_tcp_listeners_defer_accept_and_give_accepted_connections_nodelay() -> N
 @pytest.mark.parametrize("kind", ["unix", "tcp"])
 def test_listeners_keep_their_family_and_type_for_accept(kind: str, tmp_path: Path) -> None:
     """bind() gives a Listener whose family and type are read once, as the same enums a
-    plain socket gives; its accept() hands out plain sockets of that family and type."""
+    plain socket gives; its accept() hands out C socket objects of that family and type,
+    which take MSG_DONTWAIT."""
     listen = str(tmp_path / "fcgi.sock") if kind == "unix" else "127.0.0.1:0"
     family = socket.AF_UNIX if kind == "unix" else socket.AF_INET
     listener = sock.bind(listen, 16)
@@ -174,9 +202,13 @@ def test_listeners_keep_their_family_and_type_for_accept(kind: str, tmp_path: Pa
             client.sendall(b"x")  # a deferred TCP connection is handed over once data came
             listener.settimeout(5)
             accepted, _ = listener.accept()
-            with accepted:
-                assert type(accepted) is socket.socket
+            try:
+                assert type(accepted) is socket.SocketType
                 assert (accepted.family, accepted.type) == (family, socket.SOCK_STREAM)
-                assert accepted.recv(1) == b"x"
+                assert accepted.recv(1, socket.MSG_DONTWAIT) == b"x"
+                with pytest.raises(BlockingIOError):  # nothing more: never waits
+                    accepted.recv(1, socket.MSG_DONTWAIT)
+            finally:
+                accepted.close()
     finally:
         sock.close(listener)

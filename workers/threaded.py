@@ -15,6 +15,8 @@ and waits to be needed again. So a slow script delays the others by 5 to
 
 An answer that does not fit the socket at once waits in the connection's
 outbox for the loop to write, so a client that does not read holds no thread.
+Accepted sockets are left in blocking mode (setting it is a syscall per
+connection): every recv and send on them passes ``DONTWAIT``.
 
 A new connection is read at once: the web server writes its request right
 after connecting, so it is usually there. A connection whose only request
@@ -52,6 +54,8 @@ MAX_CONNECTIONS = 1024
 # before the call; at 128 KiB and more glibc serves that with mmap/munmap, ~8 µs per recv.
 READ_SIZE = 64 * 1024
 ACCEPT_BATCH = 64
+# Every recv and send on an accepted socket: never wait, whatever the socket's mode.
+DONTWAIT = socket.MSG_DONTWAIT
 # How often the loop looks at its parent, its stop deadline and stalled clients.
 TICK = 1.0
 # How long a Lua call may hold the event loop before the standby thread takes it over;
@@ -72,7 +76,7 @@ class Connection:
                  "request_id", "send_timeout", "head", "streamed", "outbox", "stalled_since",
                  "events")
 
-    def __init__(self, sock: socket.socket, parser: protocol.Connection, lock: threading.Lock,
+    def __init__(self, sock: socket.SocketType, parser: protocol.Connection, lock: threading.Lock,
                  send_timeout: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()    # its key in the worker's table, kept while it is open
@@ -108,7 +112,7 @@ class Connection:
         """Send what ends a request; False when the rest was left in the outbox for the loop."""
         if not self.outbox:
             try:
-                sent = self.sock.send(data)
+                sent = self.sock.send(data, DONTWAIT)
             except BlockingIOError:
                 sent = 0
             if sent == len(data):
@@ -134,9 +138,13 @@ class Connection:
             self.sink(data)
 
 
-def send_all(sock: socket.socket, data: bytes, timeout: float) -> None:
-    """Send all of ``data`` on a non-blocking socket, waiting up to ``timeout`` s for room."""
-    sent = sock.send(data)
+def send_all(sock: socket.SocketType, data: bytes, timeout: float) -> None:
+    """Send all of ``data``, waiting up to ``timeout`` s for room (the buffer may be full
+    already: a script flushing faster than its client reads)."""
+    try:
+        sent = sock.send(data, DONTWAIT)
+    except BlockingIOError:
+        sent = 0
     if sent == len(data):
         return
     view = memoryview(data)[sent:]
@@ -149,7 +157,7 @@ def send_all(sock: socket.socket, data: bytes, timeout: float) -> None:
             raise TimeoutError(f"client did not read the response for {timeout:g} s")
         if poller.poll(remaining * 1000):
             try:
-                view = view[sock.send(view):]
+                view = view[sock.send(view, DONTWAIT):]
             except BlockingIOError:
                 continue
 
@@ -346,10 +354,9 @@ class ThreadWorker(Worker):
                 continue
             self.adopt(sock)
 
-    def adopt(self, sock: socket.socket) -> None:
+    def adopt(self, sock: socket.SocketType) -> None:
         """Take a new connection and read it at once: the web server writes its request
         right after connecting. Only one that is to carry more input is registered."""
-        sock.setblocking(False)
         parser = protocol.Connection(MAX_CONNECTIONS, self.settings.workers,
                                      self.settings.maxpost)
         connection = Connection(sock, parser, self.lock, self.settings.timeout)
@@ -358,7 +365,7 @@ class ThreadWorker(Worker):
         if not connection.finished and self.connections.get(connection.fd) is connection:
             self.watch(connection, selectors.EVENT_READ)
 
-    def client_allowed(self, sock: socket.socket, peer: object) -> bool:
+    def client_allowed(self, sock: socket.SocketType, peer: object) -> bool:
         allowed = self.settings.allowed_clients
         if not allowed or sock.family not in (socket.AF_INET, socket.AF_INET6):
             return True
@@ -371,7 +378,7 @@ class ThreadWorker(Worker):
 
     def read(self, connection: Connection) -> None:
         try:
-            data = connection.sock.recv(READ_SIZE)
+            data = connection.sock.recv(READ_SIZE, DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -474,7 +481,7 @@ class ThreadWorker(Worker):
                     break
                 view = connection.outbox[0]
             try:
-                sent = connection.sock.send(view)
+                sent = connection.sock.send(view, DONTWAIT)
             except BlockingIOError:
                 return
             except OSError:
@@ -597,7 +604,7 @@ def log_access(access_log: AccessLog, request: protocol.Request, connection: Con
     access_log.write(request.params, status, body_bytes, duration)
 
 
-def shut_down(sock: socket.socket) -> None:
+def shut_down(sock: socket.SocketType) -> None:
     """End both directions; the loop then sees end of stream and closes the socket."""
     try:
         sock.shutdown(socket.SHUT_RDWR)
