@@ -141,25 +141,23 @@ class Connection:
 def send_all(sock: socket.SocketType, data: bytes, timeout: float) -> None:
     """Send all of ``data``, waiting up to ``timeout`` s for room (the buffer may be full
     already: a script flushing faster than its client reads)."""
-    try:
-        sent = sock.send(data, DONTWAIT)
-    except BlockingIOError:
-        sent = 0
-    if sent == len(data):
-        return
-    view = memoryview(data)[sent:]
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    deadline = time.monotonic() + timeout
-    while view:
+    view = memoryview(data)
+    poller = None
+    while True:
+        try:
+            view = view[sock.send(view, DONTWAIT):]
+        except BlockingIOError:
+            pass
+        if not view:
+            return
+        if poller is None:  # built only when the socket is full
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            deadline = time.monotonic() + timeout
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"client did not read the response for {timeout:g} s")
-        if poller.poll(remaining * 1000):
-            try:
-                view = view[sock.send(view, DONTWAIT):]
-            except BlockingIOError:
-                continue
+        poller.poll(remaining * 1000)
 
 
 class ThreadWorker(Worker):
