@@ -21,6 +21,7 @@ from luafcgid import status
 from luafcgid.config import Settings
 from luafcgid.log import log
 from luafcgid.lua import ScriptError, StateCache
+from luafcgid.lua import runtime as lua_runtime
 from luafcgid.protocol import Request
 from luafcgid.response import error_page
 
@@ -32,6 +33,12 @@ class Refusal(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+def prepare_worker_process(settings: Settings) -> None:
+    """Once per worker process, before its :class:`Application`: Lua C modules then link
+    against the configured Lua (lua/runtime.py says why only worker processes do this)."""
+    lua_runtime.link_globally(settings.lua)
 
 
 class Application:
@@ -143,8 +150,9 @@ class Application:
         return real
 
     def script_failed(self, failure: ScriptError, stage: str) -> bytes:
-        log.error("%s: error %s the script: %s\n%s", failure.script, stage, failure.message,
-                  failure.traceback)
+        advice = lua_runtime.advice(failure.message, self.settings.lua)
+        log.error("%s: error %s the script: %s\n%s%s", failure.script, stage, failure.message,
+                  f"{advice}\n" if advice else "", failure.traceback)
         if failure.flushed:
             return b""  # the client already has part of the answer: the stream just ends
         detail = failure.message if self.settings.showerrors else ""

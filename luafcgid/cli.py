@@ -1,4 +1,4 @@
-"""The ``luafcgid`` command: start, stop, reload, status, request.
+"""The ``luafcgid`` command: start, stop, reload, status, request, paths.
 
 Exit codes, as LSB init scripts expect: 0 ok, 1 failure (bad config, already running,
 could not start), 3 not running (``status``). ``stop`` on a stopped server exits 0.
@@ -26,6 +26,7 @@ from luafcgid import status as pool_status
 from luafcgid.arbiter import Arbiter, StartError
 from luafcgid.config import Settings
 from luafcgid.daemon import run_detached
+from luafcgid.lua import runtime as lua_runtime
 from luafcgid.pidfile import Pidfile
 from luafcgid.status import remove_status_file
 
@@ -185,6 +186,37 @@ def request(config_path: Optional[str], address: Optional[str], root: Optional[s
     out.flush()
     if answer.status >= 500:
         fail(f"the server answered {answer.status}")
+
+
+@main.command()
+@config_option
+@click.option("--root", type=click.Path(file_okay=False),
+              help="The document root  [default: the config's root, else the script's "
+                   "directory]")
+@click.argument("script", required=False, metavar="[SCRIPT]")
+def paths(config_path: str, root: Optional[str], script: Optional[str]) -> None:
+    """Where a script's Lua state looks for modules: package.path, package.cpath.
+
+    SCRIPT defaults to index.lua in the document root. The environment's LUA_PATH and
+    LUA_CPATH count as they would for a server started from this shell.
+    """
+    settings = load_settings(config_path)
+    if script is not None:
+        script = os.path.abspath(script)
+    root = os.path.abspath(root or settings.root or
+                           (os.path.dirname(script) if script else os.getcwd()))
+    script = script or os.path.join(root, "index.lua")
+    base = lua_runtime.base_paths(settings.lua, settings.lua_path, settings.lua_cpath)
+    path, cpath = lua_runtime.package_paths(settings.lua, os.path.dirname(script), root, base)
+    click.echo(f"lua = \"{settings.lua}\" (modules built for Lua "
+               f"{lua_runtime.MODULE_VERSIONS[settings.lua]}); script {script}, "
+               f"document root {root}")
+    for name, value in (("package.path", path), ("package.cpath", cpath)):
+        click.echo(name)
+        for entry in value.split(";"):
+            place = entry.split("?")[0] if "?" in entry else entry
+            gone = "" if os.path.exists(place) else "   (does not exist)"
+            click.echo(f"  {entry}{gone}")
 
 
 # -- helpers ----------------------------------------------------------------------------------

@@ -30,14 +30,12 @@ from __future__ import annotations
 import difflib
 import grp
 import http
-import importlib
 import ipaddress
 import math
 import os
 import pwd
 import re
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import lupa.lua54
@@ -365,30 +363,6 @@ def addresses(value: Any, config_dir: str) -> Tuple[str, ...]:
         raise Invalid(str(error)) from None
 
 
-LUA_MODULES: Dict[str, Tuple[str, ...]] = {
-    "5.1": ("lua51",),
-    "5.2": ("lua52",),
-    "5.3": ("lua53",),
-    "5.4": ("lua54",),
-    "5.5": ("lua55",),
-    "luajit": ("luajit21", "luajit20"),
-}
-
-
-def lua_module(name: str) -> ModuleType:
-    """The lupa module that runs Lua ``name`` (a ``lua`` setting: "5.4", "luajit", ...)."""
-    if name not in LUA_MODULES:
-        raise ConfigError("", "lua", f"expected one of {', '.join(map(repr, LUA_MODULES))}, "
-                          f"got {name!r}")
-    for module in LUA_MODULES[name]:
-        try:
-            return importlib.import_module(f"lupa.{module}")
-        except ImportError:
-            continue
-    raise ConfigError("", "lua", f"this lupa build does not ship Lua {name}; "
-                      "choose another or install a lupa that has it")
-
-
 # The SQLite file of ``session_store = "sqlite"``: in this directory beside the pidfile.
 SESSION_DIR = "luafcgid-sessions"
 
@@ -407,15 +381,41 @@ def session_store(value: Any, config_dir: str) -> str:
 
 
 def lua_version(value: Any, config_dir: str) -> str:
+    # Imported here: luafcgid.lua imports this module.
+    from luafcgid.lua import runtime
+
     # lua = 5.4 (a number) means "5.4".
     if isinstance(value, float):
         value = f"{value:g}"
     name = string(value, config_dir)
     try:
-        lua_module(name)
-    except ConfigError as error:
-        raise Invalid(error.reason) from None
+        runtime.module(name)
+    except runtime.UnknownRuntime as error:
+        raise Invalid(str(error)) from None
     return name
+
+
+def search_path(template_suffixes: Tuple[str, ...]) -> Check:
+    """A Lua search path (``lua_path``, ``lua_cpath``): templates separated by ``;``, with
+    ``;;`` once at most, standing for the defaults. A relative template is taken from the
+    config file's directory (never from a worker's current directory)."""
+
+    def check(value: Any, config_dir: str) -> str:
+        text = one_line(value, config_dir)
+        if text.count(";;") > 1:
+            raise Invalid(f"write ;; (the defaults) once, got {text!r}")
+        parts = []
+        for part in text.split(";;"):
+            entries = []
+            for entry in filter(None, (item.strip() for item in part.split(";"))):
+                if "?" not in entry and not entry.endswith(template_suffixes):
+                    raise Invalid(f"{entry!r} is not a template: write the module's place as ?, "
+                                  f"as in /srv/lib/?{template_suffixes[0]}")
+                entries.append(_resolve(entry, config_dir))
+            parts.append(";".join(entries))
+        return ";;".join(parts)
+
+    return check
 
 
 def uri_path(value: Any, config_dir: str) -> Optional[str]:
@@ -480,6 +480,8 @@ KEYS: Dict[str, Tuple[Check, Any]] = {
     "access_log_format": (access_format, DEFAULT_ACCESS_FORMAT),
     "loglevel": (one_of(tuple(LEVELS)), "info"),
     "lua": (lua_version, "5.4"),
+    "lua_path": (search_path((".lua",)), None),
+    "lua_cpath": (search_path((".so",)), None),
     "session_store": (session_store, DERIVED),
 }
 
@@ -577,6 +579,8 @@ class Settings:
     access_log_format: str
     loglevel: str
     lua: str
+    lua_path: Optional[str]
+    lua_cpath: Optional[str]
     session_store: str
     session: dict
     # name → value as a script sees it through con:config(name); built once.
@@ -690,7 +694,7 @@ def defaults() -> Settings:
 # Makes the runtime a sandbox and returns the function that runs the config source.
 # - No way to Python: lupa's `python` module goes, and so does `debug`, whose registry
 #   holds Python objects (debug.getregistry().Py_None.__class__ ...).
-# - No bytecode (load mode "t"), no os.exit.
+# - No bytecode (load mode "t"), no os.exit, no C modules.
 # - Bounded CPU: past the deadline the hook fires on every instruction, so a loop that
 #   swallows errors with pcall still ends; it spares `run` itself, which reports the error.
 _SANDBOX = """
@@ -698,6 +702,12 @@ local clock, getinfo, sethook = os.clock, debug.getinfo, debug.sethook
 python, package.loaded.python = nil, nil
 debug, package.loaded.debug = nil, nil
 os.exit = function() error("os.exit is not allowed in the config file", 2) end
+-- The master loads no C module: only workers link Lua C modules (lua/runtime.py).
+package.cpath, package.loadlib = "", nil
+local searchers = package.searchers
+searchers[4], searchers[3] = nil, function()
+    return "no C modules in the config file (it runs in the master, which loads none)"
+end
 local run
 function run(source, cpu_seconds)
     local chunk, message = load(source, "=config", "t")

@@ -9,7 +9,6 @@ import os
 import pwd
 from pathlib import Path
 
-import lupa.lua54
 import pytest
 
 from luafcgid import config
@@ -420,13 +419,6 @@ def test_lookup(tmp_path):
 
 
 # --- lua runtimes ----------------------------------------------------------------------------
-
-
-def test_lua_module():
-    assert config.lua_module("5.4") is lupa.lua54
-    assert config.lua_module("luajit").__name__.startswith("lupa.luajit")
-    with pytest.raises(ConfigError, match="expected one of"):
-        config.lua_module("6.0")
 
 
 @pytest.mark.parametrize("name", ["5.1", "5.3", "5.4", "luajit"])

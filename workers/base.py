@@ -27,7 +27,7 @@ from typing import Optional
 from setproctitle import setproctitle
 
 from luafcgid import log as logging_setup
-from luafcgid.app import Application
+from luafcgid.app import Application, prepare_worker_process
 from luafcgid.config import Settings
 from luafcgid.log import log
 from luafcgid.lua import slowlog
@@ -68,6 +68,7 @@ class Worker:
         self.pid = os.getpid()
         self.ppid = os.getppid()
         setproctitle(f"luafcgid: worker {self.number}")
+        prepare_worker_process(self.settings)
         self.app = Application(self.settings, self.number)
         self.init_signals()
         log.debug("worker %d booted (pid %d)", self.number, self.pid)

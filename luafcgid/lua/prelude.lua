@@ -2,7 +2,7 @@
 The Lua side of one luafcgid state (state.py runs this file once per new state).
 
 It takes one table of options, makes the state safe (no way back into Python, no
-os.exit, no "./" in the package paths), records every Lua file the state loads so
+os.exit), sets the module search paths, records every Lua file the state loads so
 the cache can see it change, defines `con` and the luafcgid2 globals, runs the
 startup script and the script's top level, and returns `true, run`, or
 `false, message, traceback` when loading failed.
@@ -48,24 +48,20 @@ os.exit = function()
     error("os.exit is disabled in luafcgid", 2)
 end
 
--- Package paths: the script's directory and the document root first, never "./".
-
-local function without_relative(path)
-    local kept = {}
-    for entry in path:gmatch("[^;]+") do
-        if entry:sub(1, 2) ~= "./" then
-            kept[#kept + 1] = entry
-        end
+-- Package paths (runtime.py): the script's directory, the document root, its lua_modules
+-- tree, then lua_path / lua_cpath or the defaults; never "./".
+package.path = options.package_path
+package.cpath = options.package_cpath
+if options.no_c_modules then
+    local searchers = package.searchers or package.loaders
+    -- Lua 5.4 prefixes each searcher's message itself; earlier versions expect "\n\t".
+    local prefix = (_VERSION == "Lua 5.4" or _VERSION == "Lua 5.5") and "" or "\n\t"
+    local function refuse()
+        return prefix .. options.no_c_modules
     end
-    return concat(kept, ";")
+    searchers[3], searchers[4] = refuse, nil
+    package.loadlib = nil
 end
-
-local search_dirs = options.dir .. "/?.lua;" .. options.dir .. "/?/init.lua;"
-if options.docroot ~= "" and options.docroot ~= options.dir then
-    search_dirs = search_dirs .. options.docroot .. "/?.lua;" .. options.docroot .. "/?/init.lua;"
-end
-package.path = search_dirs .. without_relative(package.path)
-package.cpath = without_relative(package.cpath)
 
 -- Lua 5.1 has no package.searchpath; this one answers as 5.1's own searcher would.
 local function searchpath_51(name, path)

@@ -46,8 +46,9 @@ from math import log1p
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple, Union
 
-from luafcgid.config import ALIASES, KEYS, lua_module
+from luafcgid.config import ALIASES, KEYS
 from luafcgid.log import log
+from luafcgid.lua import runtime as lua_runtime
 from luafcgid.lua import slowlog
 from luafcgid.lua.session import SessionBridge
 
@@ -140,7 +141,11 @@ class Blueprint:
     """
 
     def __init__(self, settings: Any, worker_number: int) -> None:
-        self.lua = lua_module(settings.lua)
+        self.lua = lua_runtime.module(settings.lua)
+        self.c_modules = lua_runtime.global_runtime() == settings.lua
+        self.runtime_name = settings.lua
+        self.base_paths = lua_runtime.base_paths(settings.lua, settings.lua_path,
+                                                 settings.lua_cpath)
         self.sessions = SessionBridge(settings)
         self.max_memory = settings.state_memory or None
         self.root = settings.root or ""
@@ -161,6 +166,11 @@ class Blueprint:
             self.options[b"slowlog_timeout"] = settings.slowlog_timeout
             slowlog.open_log(settings.slowlog)
         self.options[b"headers"] = settings.headers
+        if not self.c_modules:
+            self.options[b"no_c_modules"] = (
+                f"no C modules in this process: only a worker process links them "
+                f"(lua = {settings.lua!r}, this process exports "
+                f"{lua_runtime.global_runtime() or 'no'} Lua C API)").encode()
         self.options[b"luafcgid_module"] = os.fsencode(LUAFCGID_MODULE_PATH)
         if settings.startup:
             self.options[b"startup"] = os.fsencode(settings.startup)
@@ -224,8 +234,13 @@ class State:
 
     def __init__(self, blueprint: Blueprint, script: str, docroot: DocRoot, number: int,
                  thread_data: Callable[[], tuple]) -> None:
-        """Load ``script``; ``docroot`` (else ``root``) joins its directory in package.path."""
-        docroot = os.fsencode(docroot or blueprint.root)
+        """Load ``script``; ``docroot`` (else ``root``) and its ``lua_modules`` tree join the
+        module search paths (runtime.package_paths)."""
+        docroot = os.fsdecode(docroot or blueprint.root)
+        docroot = docroot.rstrip("/") or docroot
+        script_dir = os.path.dirname(script)
+        package_path, package_cpath = lua_runtime.package_paths(
+            blueprint.runtime_name, script_dir, docroot, blueprint.base_paths)
         self.script = script
         self.number = number
         self.hits = 0
@@ -247,8 +262,9 @@ class State:
         options = dict(blueprint.options)
         options.update({
             b"script": os.fsencode(script),
-            b"dir": os.fsencode(os.path.dirname(script)),
-            b"docroot": docroot.rstrip(b"/") or docroot,
+            b"dir": os.fsencode(script_dir),
+            b"package_path": os.fsencode(package_path),
+            b"package_cpath": os.fsencode(package_cpath),
             b"state_number": number,
             b"outlet": self._outlet,
             b"log": functools.partial(_script_log, script),
