@@ -617,8 +617,8 @@ class Arbiter:
         if worker.stopping:
             log.info("worker %d (pid %d) stopped (%s)", worker.number, worker.pid, how)
         elif worker.booted:
-            log.warning("worker %d (pid %d) died (%s): starting a replacement",
-                        worker.number, worker.pid, how)
+            log.warning("worker %d (pid %d) died (%s)%s: starting a replacement",
+                        worker.number, worker.pid, how, crash_cause(status))
         else:
             self.boot_failed(worker, how)
 
@@ -768,6 +768,17 @@ def describe_exit(status: int) -> str:
         except ValueError:
             return f"killed by signal {number}"
     return f"exit code {os.waitstatus_to_exitcode(status)}"
+
+
+CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
+
+
+def crash_cause(status: int) -> str:
+    """What usually kills a worker with a crash signal, for its log line ("" otherwise)."""
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) in CRASH_SIGNALS:
+        return (": a C module or the Lua runtime crashed; the requests it was running got "
+                "no answer (the web server logs their URLs)")
+    return ""
 
 
 def notify_systemd(address: Optional[str], message: str) -> None:

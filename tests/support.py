@@ -7,6 +7,7 @@ and every wait is bounded.
 from __future__ import annotations
 
 import http.client as httpclient
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,8 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional
+
+import psutil
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 FASTCGI_PARAMS = "/etc/nginx/fastcgi_params"
@@ -385,6 +388,27 @@ class Site:
 
     def script_path(self, name: str) -> str:
         return str(self.docroot / name)
+
+
+def workers_of(master_pid: int) -> set:
+    """Pids of the master's live (not yet reaped counts as dead) children."""
+    pids = set()
+    for child in psutil.Process(master_pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                pids.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def serving(site: Site) -> set:
+    """Pids of the workers the master counts as serving (from its status file)."""
+    try:
+        status = json.loads(Path(site.settings["pidfile"] + ".status").read_text())
+    except (OSError, ValueError):
+        return set()
+    return {w["pid"] for w in status["workers"] if w["state"] == "serving"}
 
 
 # --- a FastCGI client, for what nginx would not send ------------------------------------------

@@ -5,16 +5,22 @@ Each test counts the requests that failed (printed; run with -s to see the figur
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.support import RequestLoop, Site, http, wait_until, write_config
+from tests.support import (
+    RequestLoop,
+    Site,
+    http,
+    serving,
+    wait_until,
+    workers_of,
+    write_config,
+)
 
 pytestmark = pytest.mark.nginx
 
@@ -44,27 +50,6 @@ SCRIPTS = {"hello.lua": HELLO, "grow.lua": GROW, "slow.lua": SLOW}
 
 def is_hello(response) -> bool:
     return response.status == 200 and response.body == b"hello"
-
-
-def workers_of(master_pid: int) -> set:
-    """Pids of the master's live (not yet reaped counts as dead) children."""
-    pids = set()
-    for child in psutil.Process(master_pid).children():
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE:
-                pids.add(child.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return pids
-
-
-def serving(site: Site) -> set:
-    """Pids of the workers the master counts as serving (from its status file)."""
-    try:
-        status = json.loads(Path(site.settings["pidfile"] + ".status").read_text())
-    except (OSError, ValueError):
-        return set()
-    return {w["pid"] for w in status["workers"] if w["state"] == "serving"}
 
 
 def rewrite_config(site: Site, **changes: object) -> None:
