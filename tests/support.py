@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from collections import Counter
@@ -58,6 +59,16 @@ def accepts(address: str) -> bool:
         return True
     except OSError:
         return False
+
+
+# Where Debian installs Lua C modules: /usr/lib/<multiarch triplet>/lua/<version>/.
+DEBIAN_LUA_LIB = (f"/usr/lib/{sysconfig.get_config_var('MULTIARCH')}/lua"
+                  if sysconfig.get_config_var("MULTIARCH") else "/usr/lib/lua")
+
+
+def debian_has(version: str, *modules: str) -> bool:
+    """True when Debian's Lua ``version`` C modules (``"cjson"``, ``"luasql/postgres"``) exist."""
+    return all(os.path.exists(f"{DEBIAN_LUA_LIB}/{version}/{module}.so") for module in modules)
 
 
 # --- config and scripts -------------------------------------------------------------------

@@ -17,16 +17,20 @@ import pytest
 
 from luafcgid import config
 from luafcgid.lua import runtime
-from tests.support import Site, fcgi_call, serving, wait_until, workers_of, write_config
+from tests.support import (
+    DEBIAN_LUA_LIB,
+    Site,
+    debian_has,
+    fcgi_call,
+    serving,
+    wait_until,
+    workers_of,
+    write_config,
+)
 
 pytestmark = pytest.mark.nginx
 
 RUNTIMES = ["5.4", "5.1", "luajit"]
-DEBIAN_LIB = f"/usr/lib/{runtime.MULTIARCH}/lua" if runtime.MULTIARCH else "/usr/lib/lua"
-
-
-def debian_has(version: str, *modules: str) -> bool:
-    return all(os.path.exists(f"{DEBIAN_LIB}/{version}/{module}.so") for module in modules)
 
 
 def need_debian_modules(name: str, *modules: str) -> None:
@@ -207,7 +211,7 @@ def test_a_module_built_for_another_lua_is_a_clear_error(tmp_path):
         pytest.skip("Debian's Lua 5.1 lpeg is not installed (apt install lua-lpeg)")
     wrong = tmp_path / "wrong"
     wrong.mkdir()
-    shutil.copy(f"{DEBIAN_LIB}/5.1/lpeg.so", wrong / "lpeg.so")  # Lua 5.1's, into 5.4
+    shutil.copy(f"{DEBIAN_LUA_LIB}/5.1/lpeg.so", wrong / "lpeg.so")  # Lua 5.1's, into 5.4
     with Site(tmp_path, {"wrong.lua": 'local lpeg = require "lpeg" function main() end',
                          "hello.lua": 'function main(env, con) con:puts("hi") end'},
               lua_cpath=f"{wrong}/?.so;;") as site:
@@ -268,7 +272,7 @@ def test_default_paths_are_what_lua_searches_on_this_os():
         "/usr/local/share/lua/5.4/?.lua", "/usr/local/share/lua/5.4/?/init.lua",
         "/usr/local/lib/lua/5.4/?.lua", "/usr/local/lib/lua/5.4/?/init.lua",
         "/usr/share/lua/5.4/?.lua", "/usr/share/lua/5.4/?/init.lua"]
-    assert f"{DEBIAN_LIB}/5.4/?.so" in cpath.split(";")
+    assert f"{DEBIAN_LUA_LIB}/5.4/?.so" in cpath.split(";")
     assert runtime.default_paths("luajit") == runtime.default_paths("5.1")
     lua = shutil.which("lua5.4")
     if lua:  # the interpreter itself, less its ./ entries
