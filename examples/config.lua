@@ -51,4 +51,7 @@ SessionCookieSecure = false
 -- Handed to every script as the global `Config`, and readable with con:config(name).
 Config = {
     site_name = "luafcgid examples",
+    -- notes.lua's SQLite file, made by the workers: its directory must be writable by
+    -- them (as `user` when started as root).
+    notes_db = "/tmp/luafcgid-examples-notes.db",
 }

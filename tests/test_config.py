@@ -238,7 +238,8 @@ def test_examples_config_loads():
     assert settings.showerrors is True
     assert settings.extensions == (".lua",)
     assert settings.pidfile.startswith("/tmp/")
-    assert settings.script_config == {"site_name": "luafcgid examples"}
+    assert settings.script_config == {"site_name": "luafcgid examples",
+                                      "notes_db": "/tmp/luafcgid-examples-notes.db"}
     assert settings.lookup("site_name") == "luafcgid examples"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import re
 import shutil
 import tempfile
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.showcase_client import Visitor, sqlite_driver_missing
 from tests.support import Nginx, Server, free_port, http
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -23,6 +26,13 @@ def examples():
     config = (EXAMPLES / "config.lua").read_text()
     config = re.sub(r'(?m)^listen = .*$', f'listen = "{listen}"', config)
     config = re.sub(r'(?m)^pidfile = .*$', f'pidfile = "{base}/examples.pid"', config)
+    # notes.lua's database, in a directory the workers' user (nobody when root) can write
+    notes = base / "notes"
+    notes.mkdir()
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(notes, nobody.pw_uid, nobody.pw_gid)
+    config = re.sub(r'(?m)^(\s*)notes_db = .*$', rf'\1notes_db = "{notes}/notes.db",', config)
     (base / "config.lua").write_text(config)
     server = Server(base / "config.lua", listen).start()
     nginx = Nginx(base / "nginx", EXAMPLES, listen).start()
@@ -90,3 +100,17 @@ def test_session_sign_in_visits_sign_out(examples):
     logout = get(examples, "/session.lua?action=logout", headers={"Cookie": cookie})
     assert logout.header("Set-Cookie").startswith("XLuaSession=;")
     assert b"Sign in" in get(examples, "/session.lua", headers={"Cookie": cookie}).body
+
+
+def test_notes_board(examples):
+    reason = sqlite_driver_missing("5.4")
+    if reason:
+        pytest.skip(reason)
+    visitor = Visitor(examples.port)
+    visitor.sign_in("Ada")
+    assert visitor.post({"action": "post", "body": "<b>first</b>"}).status == 303
+    page = visitor.get().body
+    assert b"<p>&lt;b&gt;first&lt;/b&gt;</p>" in page and b"luafcgid examples" in page
+    note = visitor.notes()[0]
+    assert (note["author"], note["text"]) == ("Ada", "<b>first</b>")
+    assert visitor.post({"action": "post", "body": "forged"}, token=None).status == 403
