@@ -74,6 +74,8 @@ class Application:
         ``sink`` receives output the script flushes before it returns.
         """
         self.requests = next(self._numbers)
+        if request.params_overflow:
+            return self.params_too_large(request)
         params = request.params
         if self.own_answers is not None:
             answer = self.own_answers.get(params.get(b"SCRIPT_NAME"))
@@ -95,6 +97,13 @@ class Application:
                         "in the config if such bodies are expected", script, self.settings.maxpost)
             return self.error(413, "")
         return self.run(script, request, sink, thread_number)
+
+    def params_too_large(self, request: Request) -> bytes:
+        log.warning("a request's params (CGI variables and HTTP headers) were %d bytes, over "
+                    "max_params (%d bytes): answered 431; raise max_params in the config if "
+                    "such requests are expected", request.params_overflow,
+                    self.settings.max_params)
+        return self.error(431, "")
 
     def run(self, script: str, request: Request, sink: Callable[[bytes], None],
             thread_number: int) -> bytes:

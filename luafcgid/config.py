@@ -454,6 +454,8 @@ KEYS: Dict[str, Tuple[Check, Any]] = {
     "httpstatus": (http_status, "200 OK"),
     "contenttype": (one_line, "text/html"),
     "maxpost": (integer(0), 1048576),
+    "max_params": (integer(1024), 1048576),
+    "max_connections": (integer(1), 1024),
     "logfile": (optional_path, None),
     "startup": (lua_file, None),
     "Config": (table, {}),
@@ -553,6 +555,8 @@ class Settings:
     httpstatus: str
     contenttype: str
     maxpost: int
+    max_params: int
+    max_connections: int
     logfile: Optional[str]
     startup: Optional[str]
     script_config: dict

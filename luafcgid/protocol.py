@@ -10,10 +10,11 @@ it read to :meth:`Connection.receive` and gets back events:
 - :class:`Reply`: bytes to send back as they are (answers to management
   records and refusals of requests we do not take).
 
-Malformed input raises :class:`ProtocolError`, as do PARAMS over
-``MAX_PARAMS_BYTES`` (64 KiB) or ``MAX_PAIRS`` (1000) pairs; the server then closes that
-connection (the Connection is not usable after it). The answer to a request is
-built with :func:`stdout_records` and :func:`end_request`.
+Malformed input raises :class:`ProtocolError`; the server then closes that connection
+(the Connection is not usable after it). A well-formed request whose PARAMS are over
+``max_params`` bytes is still read to its end, its PARAMS dropped as they come (never
+held), and handed out with ``params_overflow`` set, for the server to answer 431. The
+answer to a request is built with :func:`stdout_records` and :func:`end_request`.
 
 We do not multiplex: one request at a time is read per connection, and a
 BEGIN_REQUEST for another id while one is being read is refused with
@@ -53,10 +54,10 @@ OVERLOADED = 2
 UNKNOWN_ROLE = 3
 
 MAX_CONTENT = 65535  # per record
-MAX_PARAMS_BYTES = 65536  # per request, all PARAMS records together
-# Name-value pairs in one decoded block: nginx sends ~20-40; 64 KiB of empty pairs would be
-# 32768 entries, each a Lua table field built per request.
-MAX_PAIRS = 1000
+# PARAMS bytes per request, all records together, by default (the max_params setting): more
+# than Apache sends at most by default (100 header lines of 8190 bytes), and nginx (32 KiB of
+# headers by default). Name-value pairs are not counted: these bytes bound them.
+MAX_PARAMS_BYTES = 1024 * 1024
 # Request ids are 16 bits and 0 is for management records: -1 matches no record.
 _NO_REQUEST = -1
 
@@ -106,18 +107,22 @@ class Request(_Event):
     """A complete request: PARAMS and STDIN both ended.
 
     ``body`` is ``b""`` and ``body_too_large`` is true when the body was over
-    ``maxpost`` (it was read and dropped, never held).
+    ``maxpost`` (it was read and dropped, never held). ``params_overflow`` is the number
+    of PARAMS bytes received when they were over ``max_params`` (then ``params`` is empty
+    and the body was dropped too); 0 otherwise.
     """
 
-    __slots__ = ("request_id", "keep_conn", "params", "body", "body_too_large")
+    __slots__ = ("request_id", "keep_conn", "params", "body", "body_too_large",
+                 "params_overflow")
 
     def __init__(self, request_id: int, keep_conn: bool, params: Dict[bytes, bytes],
-                 body: bytes, body_too_large: bool) -> None:
+                 body: bytes, body_too_large: bool, params_overflow: int = 0) -> None:
         self.request_id = request_id
         self.keep_conn = keep_conn
         self.params = params
         self.body = body
         self.body_too_large = body_too_large
+        self.params_overflow = params_overflow
 
 
 class Abort(_Event):
@@ -198,8 +203,6 @@ def _decode_pairs(data: bytes, pos: int, end: int) -> Dict[bytes, bytes]:
             pos = value_end
     except (IndexError, struct.error):
         raise ProtocolError("truncated name-value pair: the data ends inside a length") from None
-    if len(pairs) > MAX_PAIRS:
-        raise ProtocolError(f"{len(pairs)} name-value pairs, at most {MAX_PAIRS} are taken")
     return pairs
 
 
@@ -258,20 +261,23 @@ class Connection:
     """The input side of one FastCGI connection: bytes in, events out.
 
     ``max_conns`` and ``max_reqs`` are what GET_VALUES is told (FCGI_MAX_CONNS,
-    FCGI_MAX_REQS); ``maxpost`` is the largest body kept, in bytes.
+    FCGI_MAX_REQS); ``maxpost`` is the largest body kept and ``max_params`` the largest
+    PARAMS taken, in bytes.
     """
 
     __slots__ = (
-        "_max_conns", "_max_reqs", "_maxpost", "_partial", "_needed",
+        "_max_conns", "_max_reqs", "_maxpost", "_max_params", "_partial", "_needed",
         "_request_id", "_keep_conn", "_last_id", "_refused",
-        "_params", "_params_ref", "_params_buffer",
+        "_params", "_params_ref", "_params_buffer", "_params_overflow",
         "_body_chunks", "_body_size", "_body_ended",
     )
 
-    def __init__(self, max_conns: int, max_reqs: int, maxpost: int) -> None:
+    def __init__(self, max_conns: int, max_reqs: int, maxpost: int,
+                 max_params: int = MAX_PARAMS_BYTES) -> None:
         self._max_conns = max_conns
         self._max_reqs = max_reqs
         self._maxpost = maxpost
+        self._max_params = max_params
         self._partial = bytearray()  # the start of a record not yet complete
         self._needed = 0             # bytes _partial must hold before parsing again
         self._keep_conn = False
@@ -287,6 +293,7 @@ class Connection:
         # PARAMS content still lying in one record of the current input: (data, start, end).
         self._params_ref: Optional[Tuple[bytes, int, int]] = None
         self._params_buffer.clear()
+        self._params_overflow = 0  # PARAMS bytes seen once over max_params (dropped)
         self._body_chunks: Optional[List[bytes]] = []  # None: over maxpost, drained unkept
         self._body_size = 0
         self._body_ended = False
@@ -346,14 +353,20 @@ class Connection:
             raise ProtocolError(
                 f"PARAMS record after the end of PARAMS of request {self._request_id}")
         if start != end:
-            if self._params_ref is None and not self._params_buffer:
+            if self._params_overflow:
+                self._params_overflow += end - start
+            elif (self._params_ref is None and not self._params_buffer
+                    and end - start <= self._max_params):
                 # Only point at it: nginx sends all PARAMS in one record.
                 self._params_ref = (data, start, end)
             else:
                 self._buffer_params(data, start, end)
             return False
         ref = self._params_ref
-        if ref is not None:
+        if self._params_overflow:
+            self._body_chunks = None  # a request answered 431 keeps no body either
+            params = {}
+        elif ref is not None:
             self._params_ref = None
             data, start, end = ref
             params = _decode_pairs(data, start, end)
@@ -369,8 +382,9 @@ class Connection:
     def _buffer_params(self, data: bytes, start: int, end: int) -> None:
         self._keep_params_ref()
         self._params_buffer += memoryview(data)[start:end]
-        if len(self._params_buffer) > MAX_PARAMS_BYTES:
-            raise ProtocolError(f"PARAMS larger than {MAX_PARAMS_BYTES} bytes")
+        if len(self._params_buffer) > self._max_params:
+            self._params_overflow = len(self._params_buffer)
+            self._params_buffer.clear()
 
     def _keep_params_ref(self) -> None:
         """Copy the PARAMS content pointed at into the buffer."""
@@ -407,7 +421,8 @@ class Connection:
         else:
             body = b"".join(chunks)
         assert self._params is not None
-        request = Request(self._request_id, self._keep_conn, self._params, body, chunks is None)
+        request = Request(self._request_id, self._keep_conn, self._params, body, chunks is None,
+                          self._params_overflow)
         self._last_id = self._request_id
         self._clear_request()
         return request

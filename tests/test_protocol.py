@@ -51,8 +51,8 @@ def request_bytes(params: dict, body: bytes = b"", request_id: int = 1, keep_con
             + stream(protocol.STDIN, request_id, body, body_chunk))
 
 
-def connection(maxpost: int = MAXPOST) -> Connection:
-    return Connection(max_conns=1024, max_reqs=4, maxpost=maxpost)
+def connection(maxpost: int = MAXPOST, max_params: int = protocol.MAX_PARAMS_BYTES) -> Connection:
+    return Connection(max_conns=1024, max_reqs=4, maxpost=maxpost, max_params=max_params)
 
 
 NGINX_PARAMS = {
@@ -392,9 +392,13 @@ def test_output_record_types_from_the_web_server() -> None:
                    "unexpected STDOUT record for request 1")
 
 
-def test_params_over_64_kib() -> None:
+def test_params_over_max_params_are_answered_not_an_error() -> None:
     pairs = encode_pairs([(b"BIG", b"v" * 65600)])
-    protocol_error(begin() + stream(protocol.PARAMS, 1, pairs), "PARAMS larger than 65536 bytes")
+    conn = connection(max_params=65536)
+    (request,) = conn.receive(begin() + stream(protocol.PARAMS, 1, pairs)
+                              + stream(protocol.STDIN, 1, b"body"))
+    assert request == Request(1, False, {}, b"", True, len(pairs))
+    assert conn.between_requests
 
 
 def test_params_of_exactly_64_kib_are_accepted() -> None:
@@ -514,27 +518,39 @@ def test_between_requests_is_false_while_a_request_or_record_is_half_read() -> N
 
 # --- request limits ------------------------------------------------------------------------
 
-def test_params_of_max_pairs_are_taken_one_more_is_a_protocol_error() -> None:
-    at_limit = {b"P%d" % number: b"v" for number in range(protocol.MAX_PAIRS)}
-    (request,) = connection().receive(request_bytes(at_limit))
-    assert len(request.params) == protocol.MAX_PAIRS
-    over = {**at_limit, b"ONE_MORE": b"v"}
-    with pytest.raises(ProtocolError, match="1001 name-value pairs"):
-        connection().receive(request_bytes(over))
+def test_pairs_are_not_counted_only_their_bytes() -> None:
+    many = {b"HTTP_X_%d" % number: b"v" for number in range(5000)}  # nginx sends ~1000 fine
+    (request,) = connection().receive(request_bytes(many, params_chunk=7))
+    assert request.params == many and request.params_overflow == 0
 
 
-def test_too_many_pairs_split_over_records_are_a_protocol_error() -> None:
-    over = {b"P%d" % number: b"" for number in range(protocol.MAX_PAIRS + 1)}
-    with pytest.raises(ProtocolError, match="name-value pairs"):
-        connection().receive(request_bytes(over, params_chunk=7))
+@pytest.mark.parametrize("chunk", [65535, 1000, 7])
+def test_params_of_exactly_max_params_are_taken_one_byte_more_are_dropped(chunk: int) -> None:
+    at_limit = encode_pairs([(b"A", b"x" * (4096 - 6))])  # 1 + 4 length bytes + name
+    assert len(at_limit) == 4096
+    conn = connection(max_params=4096)
+    (request,) = conn.receive(begin() + stream(protocol.PARAMS, 1, at_limit, chunk)
+                              + stream(protocol.STDIN, 1, b""))
+    assert request.params == {b"A": b"x" * 4090} and request.params_overflow == 0
+    over = at_limit + b"\x01\x00B"
+    (request,) = conn.receive(begin() + stream(protocol.PARAMS, 1, over, chunk)
+                              + stream(protocol.STDIN, 1, b"x" * 10, 3))
+    assert (request.params, request.body, request.params_overflow) == ({}, b"", len(over))
 
 
-def test_params_over_64_kib_are_a_protocol_error_before_their_end() -> None:
-    conn = connection()
-    conn.receive(begin(1))
-    conn.receive(encode_record(protocol.PARAMS, 1, encode_pairs([(b"A", b"x" * 65000)])))
-    with pytest.raises(ProtocolError, match="PARAMS larger than 65536"):
-        conn.receive(encode_record(protocol.PARAMS, 1, b"y" * 1000))
+@given(st.data())
+def test_a_request_over_max_params_split_anywhere_then_the_next_request(data) -> None:
+    over = request_bytes({b"A": b"x" * 5000}, body=b"dropped", keep_conn=True, params_chunk=999)
+    good = request_bytes({b"B": b"2"}, body=b"kept", request_id=1)
+    stream_bytes = over + good
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream_bytes)), max_size=6)))
+    conn = connection(max_params=2048)
+    events = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream_bytes)]):
+        events += conn.receive(stream_bytes[start:end])
+    assert [event.params_overflow for event in events] == [5006, 0]
+    assert (events[0].params, events[0].body) == ({}, b"")
+    assert (events[1].params, events[1].body) == ({b"B": b"2"}, b"kept")
 
 
 @pytest.mark.parametrize("bad_header", [

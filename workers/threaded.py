@@ -47,9 +47,11 @@ from luafcgid.log import AccessLog, log, open_access_log
 from luafcgid.response import error_page
 from luafcgid.workers.base import Worker
 
-# Connections one worker process holds at once; past it the listener is left alone (new
-# connections wait in the kernel's backlog, where another worker process may take them).
-MAX_CONNECTIONS = 1024
+# At its connection cap (max_connections) a worker closes an idle kept-alive connection to
+# take a new one; with none idle it leaves the listener alone (new connections wait in the
+# kernel's backlog, where another worker process may take them), and once it has been full
+# for SHED_AFTER seconds with connections still waiting, it answers those 503.
+SHED_AFTER = 1.0
 # Bytes asked of one recv(): a whole FastCGI record fits. Python allocates the full size
 # before the call; at 128 KiB and more glibc serves that with mmap/munmap, ~8 µs per recv.
 READ_SIZE = 64 * 1024
@@ -74,7 +76,7 @@ class Connection:
 
     __slots__ = ("sock", "fd", "parser", "lock", "busy", "pending", "closed", "finished",
                  "request_id", "send_timeout", "head", "streamed", "outbox", "stalled_since",
-                 "events")
+                 "events", "shed")
 
     def __init__(self, sock: socket.SocketType, parser: protocol.Connection, lock: threading.Lock,
                  send_timeout: float) -> None:
@@ -95,6 +97,7 @@ class Connection:
         self.outbox: collections.deque = collections.deque()
         self.stalled_since = 0.0   # when the outbox last moved
         self.events = 0            # what the selector watches it for (0: not registered)
+        self.shed = False          # taken over the cap: its request is answered 503
 
     def send(self, data: bytes) -> None:
         """Send now, waiting for room (a running script's flush: backpressure is right).
@@ -180,6 +183,10 @@ class ThreadWorker(Worker):
         self.stop_deadline: Optional[float] = None
         self.to_watch: collections.deque = collections.deque()  # connections with an outbox
         self.next_tick = 0.0
+        self.full_since = 0.0      # when the connection cap was last reached (0: not full)
+        # The answer to a connection taken over the cap (shed_overflow).
+        self.overloaded = error_page(503, self.settings.headers + b"Retry-After: 1\r\n",
+                                     "every connection of this worker is busy; try again")
         self.access_log: Optional[AccessLog] = None
         if self.settings.access_log:
             self.access_log = open_access_log(self.settings.access_log,
@@ -291,6 +298,8 @@ class ThreadWorker(Worker):
         now = time.monotonic()
         self.next_tick = now + TICK
         self.drop_stalled(now)
+        if not self.accepting:
+            self.shed_overflow(now)
         assert self.app is not None
         self.app.forget_paths()
         if self.ppid_changed():
@@ -330,6 +339,7 @@ class ThreadWorker(Worker):
         if not self.accepting and self.alive:
             self.selector.register(self.listener, selectors.EVENT_READ, None)
             self.accepting = True
+            self.full_since = 0.0
 
     def stop_accepting(self) -> None:
         if self.accepting:
@@ -338,9 +348,13 @@ class ThreadWorker(Worker):
 
     def accept(self) -> None:
         for _ in range(ACCEPT_BATCH):
-            if len(self.connections) >= MAX_CONNECTIONS:
-                self.stop_accepting()
-                return
+            idle = None
+            if len(self.connections) >= self.settings.max_connections:
+                idle = self.idle_connection()
+                if idle is None:
+                    self.stop_accepting()
+                    self.full_since = self.full_since or time.monotonic()
+                    return
             try:
                 sock, peer = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -350,18 +364,53 @@ class ThreadWorker(Worker):
                 return
             if not self.client_allowed(sock, peer):
                 continue
+            if idle is not None:  # the web server opens a new one when it needs one
+                self.close(idle)
             self.adopt(sock)
 
-    def adopt(self, sock: socket.SocketType) -> None:
+    def adopt(self, sock: socket.SocketType, shed: bool = False) -> None:
         """Take a new connection and read it at once: the web server writes its request
-        right after connecting. Only one that is to carry more input is registered."""
-        parser = protocol.Connection(MAX_CONNECTIONS, self.settings.workers,
-                                     self.settings.maxpost)
+        right after connecting. Only one that is to carry more input is registered.
+        A ``shed`` one gets 503 for its request, then is closed."""
+        parser = protocol.Connection(self.settings.max_connections, self.settings.workers,
+                                     self.settings.maxpost, self.settings.max_params)
         connection = Connection(sock, parser, self.lock, self.settings.timeout)
+        connection.shed = shed
         self.connections[connection.fd] = connection
         self.read(connection)
         if not connection.finished and self.connections.get(connection.fd) is connection:
             self.watch(connection, selectors.EVENT_READ)
+
+    def idle_connection(self) -> Optional[Connection]:
+        """At the cap: the oldest connection that sits between requests, to let go of for a
+        new one (None when every connection is busy)."""
+        for connection in self.connections.values():
+            if (not connection.busy and connection.request_id and not connection.outbox
+                    and connection.parser.between_requests and not connection.shed):
+                return connection
+        return None
+
+    def shed_overflow(self, now: float) -> None:
+        """Full for SHED_AFTER s and connections still waiting: take them to answer 503."""
+        if not self.full_since or now - self.full_since < SHED_AFTER or not self.alive:
+            return
+        if not select.select([self.listener], [], [], 0)[0]:
+            return
+        shed = 0
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            if self.client_allowed(sock, peer):
+                self.adopt(sock, shed=True)
+                shed += 1
+        if shed:
+            log.warning("worker %d: %d connections (max_connections) and more waiting for %g s: "
+                        "answered %d with 503; raise max_connections or processes",
+                        self.number, self.settings.max_connections, SHED_AFTER, shed)
 
     def client_allowed(self, sock: socket.SocketType, peer: object) -> bool:
         allowed = self.settings.allowed_clients
@@ -396,8 +445,10 @@ class ThreadWorker(Worker):
             return
         for event in events:
             if isinstance(event, protocol.Request):
-                if not event.keep_conn:
+                if not event.keep_conn or connection.shed:
                     connection.finished = True
+                if connection.shed:
+                    event = protocol.response_records(event.request_id, self.overloaded)
                 self.dispatch(connection, event)
             elif isinstance(event, protocol.Reply):
                 self.dispatch(connection, event.data)
@@ -435,13 +486,13 @@ class ThreadWorker(Worker):
     def close(self, connection: Connection) -> None:
         self.watch(connection, 0)
         del self.connections[connection.fd]
+        self.start_accepting()
         with self.lock:
             connection.outbox.clear()
             if connection.busy:
                 connection.closed = True
                 return
         connection.sock.close()
-        self.start_accepting()
 
     def close_idle(self) -> None:
         """While stopping: let go of kept-alive connections that sit between requests.
