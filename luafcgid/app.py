@@ -13,10 +13,10 @@ SCRIPT_FILENAME is taken as php-fpm (``cgi.fix_pathinfo = 1``) takes it, so the
 recipes people copy from their php-fpm setups work: Apache's ``proxy:fcgi://host``
 (or ``proxy:balancer://``) prefix is stripped, and a path past the script
 (``/www/env.lua/extra``: lighttpd's ``broken-scriptfilename``, Apache's
-``ProxyPassMatch``) is split off into PATH_INFO, walking back over path components,
-never to the document root or ``root`` or above them, and only to names with an
-allowed extension. The script then sees SCRIPT_FILENAME, SCRIPT_NAME, PATH_INFO and
-PATH_TRANSLATED as php-fpm gives them, with what the web server sent kept under
+``ProxyPassMatch``) is split off, walking back over path components, never to the
+document root or ``root`` or above them, and only to names with an allowed extension.
+The script then sees SCRIPT_FILENAME, SCRIPT_NAME, PATH_INFO and PATH_TRANSLATED as
+php-fpm gives them (:func:`rewrite`), with what the web server sent kept under
 ``ORIG_`` names. A relative SCRIPT_FILENAME is refused (500): it would otherwise be
 taken from the worker's working directory, which is nobody's intent.
 
@@ -178,8 +178,10 @@ class Application:
         :class:`Refusal`.
         """
         name = filename
+        from_apache = False
         if name[:6].lower() == b"proxy:":
             name = strip_proxy(name)
+            from_apache = name != filename
         if b"\0" in name:
             raise Refusal(404, "script name contains a NUL byte")
         if not name.startswith(b"/"):
@@ -188,7 +190,7 @@ class Application:
                                "in nginx)")
         script, real = self.find_script(name, params)
         if script != filename:
-            rewrite(params, filename, script, name[len(script):])
+            rewrite(params, filename, script, name[len(script):], from_apache)
         return real
 
     def find_script(self, name: bytes, params: Dict[bytes, bytes]) -> Tuple[bytes, str]:
@@ -330,18 +332,33 @@ def strip_proxy(name: bytes) -> bytes:
     return name
 
 
-def rewrite(params: Dict[bytes, bytes], sent: bytes, script: bytes, path_info: bytes) -> None:
-    """Tell the script where it is, as php-fpm (``cgi.fix_pathinfo = 1``) does: SCRIPT_FILENAME
-    is the script, a path after it is PATH_INFO (and leaves SCRIPT_NAME), PATH_TRANSLATED is
-    the document root plus PATH_INFO. What the web server sent stays under ``ORIG_`` names."""
+def rewrite(params: Dict[bytes, bytes], sent: bytes, script: bytes, tail: bytes,
+            from_apache: bool) -> None:
+    """Tell the script where it is, as php-fpm (``cgi.fix_pathinfo = 1``) does.
+
+    SCRIPT_FILENAME becomes the script. When a path ``tail`` was split off it: from Apache
+    (mod_proxy_fcgi cannot set PATH_INFO) the tail is PATH_INFO and leaves SCRIPT_NAME;
+    from others the web server's own PATH_INFO stands (lighttpd's broken-scriptfilename
+    puts a "/" after every name, path info or not), unless it also holds the script's
+    name (mod_fastcgi's ``Action`` way), which then moves to SCRIPT_NAME. PATH_TRANSLATED
+    is the document root plus PATH_INFO. What the web server sent is kept under ``ORIG_``
+    names.
+    """
     replace(params, b"SCRIPT_FILENAME", script, sent)
-    if not path_info:
+    if not tail:
         return
-    replace(params, b"PATH_INFO", path_info)
+    path_info = params.get(b"PATH_INFO")
     script_name = params.get(b"SCRIPT_NAME")
-    if script_name and len(script_name) > len(path_info) and script_name.endswith(path_info):
-        script_name = script_name[:-len(path_info)]
+    if from_apache:
+        replace(params, b"PATH_INFO", tail)
+        if script_name and len(script_name) > len(tail) and script_name.endswith(tail):
+            script_name = script_name[:-len(tail)]
+            replace(params, b"SCRIPT_NAME", script_name)
+    elif path_info is not None and len(path_info) > len(tail):
+        script_name = path_info[:-len(tail)]
+        replace(params, b"PATH_INFO", path_info[-len(tail):])
         replace(params, b"SCRIPT_NAME", script_name)
+    path_info = params.get(b"PATH_INFO") or b""
     docroot = params.get(b"DOCUMENT_ROOT")
     if docroot:
         replace(params, b"PATH_TRANSLATED", docroot.rstrip(b"/") + path_info)

@@ -192,29 +192,34 @@ def test_proxy_prefix_without_a_path_is_refused(env_app, log_lines):
     assert any("not an absolute path" in line for line in log_lines)
 
 
-@pytest.mark.parametrize("sent, path_info, script_name, expected_script_name", [
-    # lighttpd's Debian PHP recipe (broken-scriptfilename): the path info stays in the name
-    ("env.lua/", "/", "/env.lua", "/env.lua"),
-    # Apache's ProxyPassMatch "^/(.*\.lua(/.*)?)$": SCRIPT_NAME carries the path info too
-    ("env.lua/extra/path", None, "/env.lua/extra/path", "/env.lua"),
-    # nginx without fastcgi_split_path_info
-    ("env.lua/a.lua", None, "/env.lua/a.lua", "/env.lua"),
+@pytest.mark.parametrize("prefix, tail, sent, expected", [
+    # Apache's ProxyPassMatch "^/(.*\.lua(/.*)?)$": no PATH_INFO, SCRIPT_NAME has the tail too
+    ("proxy:fcgi://localhost", "/extra/path", {"SCRIPT_NAME": "/env.lua/extra/path"},
+     {"SCRIPT_NAME": "/env.lua", "PATH_INFO": "/extra/path", "PATH_TRANSLATED": "{www}/extra/path",
+      "ORIG_SCRIPT_NAME": "/env.lua/extra/path", "ORIG_PATH_INFO": "-"}),
+    ("proxy:fcgi://localhost", "/", {"SCRIPT_NAME": "/env.lua/"},
+     {"SCRIPT_NAME": "/env.lua", "PATH_INFO": "/", "PATH_TRANSLATED": "{www}/",
+      "ORIG_SCRIPT_NAME": "/env.lua/", "ORIG_PATH_INFO": "-"}),
+    # lighttpd's broken-scriptfilename: its own PATH_INFO stands, and it adds a "/" to the
+    # name of a request without path info
+    ("", "/extra/path", {"SCRIPT_NAME": "/env.lua", "PATH_INFO": "/extra/path"},
+     {"SCRIPT_NAME": "/env.lua", "PATH_INFO": "/extra/path", "PATH_TRANSLATED": "{www}/extra/path",
+      "ORIG_SCRIPT_NAME": "-", "ORIG_PATH_INFO": "-"}),
+    ("", "/", {"SCRIPT_NAME": "/env.lua"},
+     {"SCRIPT_NAME": "/env.lua", "PATH_INFO": "-", "PATH_TRANSLATED": "{www}",
+      "ORIG_SCRIPT_NAME": "-", "ORIG_PATH_INFO": "-"}),
+    # mod_fastcgi's Action: PATH_INFO holds the script's name as well
+    ("", "/x", {"SCRIPT_NAME": "/cgi-bin/lua", "PATH_INFO": "/env.lua/x"},
+     {"SCRIPT_NAME": "/env.lua", "PATH_INFO": "/x", "PATH_TRANSLATED": "{www}/x",
+      "ORIG_SCRIPT_NAME": "/cgi-bin/lua", "ORIG_PATH_INFO": "/env.lua/x"}),
 ])
-def test_path_after_the_script_becomes_path_info(www, env_app, sent, path_info, script_name,
-                                                 expected_script_name):
-    params = {"SCRIPT_NAME": script_name, "DOCUMENT_ROOT": str(www)}
-    if path_info is not None:
-        params["PATH_INFO"] = path_info
-    tail = sent[len("env.lua"):]
-    env = env_of(env_app.handle(request(f"proxy:fcgi://localhost{www}/{sent}", **params),
+def test_path_after_the_script_is_split_off_as_php_fpm_does(www, env_app, prefix, tail, sent,
+                                                           expected):
+    name = f"{prefix}{www}/env.lua{tail}"
+    env = env_of(env_app.handle(request(name, DOCUMENT_ROOT=str(www) + "/", **sent),
                                 lambda data: None, 1))
-    assert env["SCRIPT_FILENAME"] == str(www / "env.lua")
-    assert env["SCRIPT_NAME"] == expected_script_name
-    assert env["PATH_INFO"] == tail
-    assert env["PATH_TRANSLATED"] == str(www) + tail
-    assert env["ORIG_PATH_INFO"] == (path_info if path_info not in (None, tail) else "-")
-    assert env["ORIG_SCRIPT_NAME"] == (script_name if script_name != expected_script_name
-                                       else "-")
+    assert env == {"SCRIPT_FILENAME": str(www / "env.lua"), "ORIG_SCRIPT_FILENAME": name,
+                   **{key: value.format(www=www) for key, value in expected.items()}}
 
 
 def test_path_translated_without_document_root_and_scripts_in_directories(www, env_app):
@@ -222,7 +227,7 @@ def test_path_translated_without_document_root_and_scripts_in_directories(www, e
     PATH_INFO. A directory with the extension is walked through to the script in it."""
     (www / "app.lua").mkdir()
     (www / "app.lua" / "env.lua").write_text((www / "env.lua").read_text())
-    env = env_of(env_app.handle(request(str(www / "app.lua" / "env.lua" / "x" / "y"),
+    env = env_of(env_app.handle(request(f"proxy:fcgi://localhost{www}/app.lua/env.lua/x/y",
                                         SCRIPT_NAME="/app.lua/env.lua/x/y"),
                                 lambda data: None, 1))
     assert env["SCRIPT_FILENAME"] == str(www / "app.lua" / "env.lua")
@@ -265,7 +270,8 @@ def test_the_walk_back_stops_short_of_the_document_root(tmp_path):
 def test_split_names_use_the_path_cache_and_made_up_ones_do_not_grow_it(www, env_app):
     script = str(www / "env.lua")
     for number in range(50):
-        env = env_of(env_app.handle(request(f"{script}/{number}", SCRIPT_NAME=f"/env.lua/{number}"),
+        name = f"proxy:fcgi://localhost{script}/{number}"
+        env = env_of(env_app.handle(request(name, SCRIPT_NAME=f"/env.lua/{number}"),
                                     lambda data: None, 1))
         assert env["PATH_INFO"] == f"/{number}"
         missing = env_app.handle(request(f"{www}/nope{number}.lua/x"), lambda data: None, 1)
