@@ -656,8 +656,7 @@ server.bind = "127.0.0.1"
 server.port = {port}
 server.pid-file = "{prefix}/lighttpd.pid"
 server.errorlog = "{prefix}/error.log"
-{user}server.max-request-size = 65536
-server.modules += ("mod_fastcgi")
+{user}server.modules += ("mod_fastcgi")
 server.stream-response-body = 2
 fastcgi.server = (".lua" => ((
     {backend}{broken}

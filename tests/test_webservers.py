@@ -110,7 +110,7 @@ RECIPES = {
     "lighttpd-broken-scriptfilename": Recipe(Lighttpd, {"broken_scriptfilename": True}, "tcp",
                                              False),
     "caddy": Recipe(Caddy, {}, "unix", False, no_path_info=""),
-    "h2o": Recipe(H2O, {}, "tcp", True),
+    "h2o": Recipe(H2O, {}, "unix", True),
 }
 
 
