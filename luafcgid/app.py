@@ -174,14 +174,19 @@ class Application:
         """The real path of the script a SCRIPT_FILENAME not known this second names.
 
         Strips Apache's ``proxy:`` prefix and splits off a path past the script, and
-        then tells the script so through ``params`` (see :meth:`rewrite`). Raises
+        then tells the script so through ``params`` (see :func:`rewrite`). Raises
         :class:`Refusal`.
         """
         name = filename
         from_apache = False
         if name[:6].lower() == b"proxy:":
             name = strip_proxy(name)
-            from_apache = name != filename
+            if name != filename:
+                from_apache = True
+                real = self.real_paths.get(name)
+                if real is not None:  # Apache's SetHandler recipe: every request comes here
+                    params[b"SCRIPT_FILENAME"] = name
+                    return real
         if b"\0" in name:
             raise Refusal(404, "script name contains a NUL byte")
         if not name.startswith(b"/"):
@@ -190,7 +195,7 @@ class Application:
                                "in nginx)")
         script, real = self.find_script(name, params)
         if script != filename:
-            rewrite(params, filename, script, name[len(script):], from_apache)
+            rewrite(params, name, script, from_apache)
         return real
 
     def find_script(self, name: bytes, params: Dict[bytes, bytes]) -> Tuple[bytes, str]:
@@ -332,21 +337,22 @@ def strip_proxy(name: bytes) -> bytes:
     return name
 
 
-def rewrite(params: Dict[bytes, bytes], sent: bytes, script: bytes, tail: bytes,
-            from_apache: bool) -> None:
+def rewrite(params: Dict[bytes, bytes], name: bytes, script: bytes, from_apache: bool) -> None:
     """Tell the script where it is, as php-fpm (``cgi.fix_pathinfo = 1``) does.
 
-    SCRIPT_FILENAME becomes the script. When a path ``tail`` was split off it: from Apache
+    SCRIPT_FILENAME becomes the script. When a path (``tail``) was split off ``name`` (the
+    name sent, less Apache's prefix), it is kept as ORIG_SCRIPT_FILENAME, and: from Apache
     (mod_proxy_fcgi cannot set PATH_INFO) the tail is PATH_INFO and leaves SCRIPT_NAME;
     from others the web server's own PATH_INFO stands (lighttpd's broken-scriptfilename
     puts a "/" after every name, path info or not), unless it also holds the script's
     name (mod_fastcgi's ``Action`` way), which then moves to SCRIPT_NAME. PATH_TRANSLATED
-    is the document root plus PATH_INFO. What the web server sent is kept under ``ORIG_``
-    names.
+    is the document root plus PATH_INFO. A value changed is kept under its ``ORIG_`` name.
     """
-    replace(params, b"SCRIPT_FILENAME", script, sent)
+    params[b"SCRIPT_FILENAME"] = script
+    tail = name[len(script):]
     if not tail:
-        return
+        return  # only Apache's prefix went
+    params[b"ORIG_SCRIPT_FILENAME"] = name
     path_info = params.get(b"PATH_INFO")
     script_name = params.get(b"SCRIPT_NAME")
     if from_apache:
@@ -361,16 +367,16 @@ def rewrite(params: Dict[bytes, bytes], sent: bytes, script: bytes, tail: bytes,
     path_info = params.get(b"PATH_INFO") or b""
     docroot = params.get(b"DOCUMENT_ROOT")
     if docroot:
-        replace(params, b"PATH_TRANSLATED", docroot.rstrip(b"/") + path_info)
+        if docroot.endswith(b"/"):
+            docroot = docroot[:-1]
+        replace(params, b"PATH_TRANSLATED", docroot + path_info)
     elif script_name and script.endswith(script_name):
         replace(params, b"PATH_TRANSLATED", script[:-len(script_name)] + path_info)
 
 
-def replace(params: Dict[bytes, bytes], name: bytes, value: bytes,
-            original: Optional[bytes] = None) -> None:
+def replace(params: Dict[bytes, bytes], name: bytes, value: bytes) -> None:
     """Set ``params[name]``, keeping a different value it had under ``ORIG_<name>``."""
-    if original is None:
-        original = params.get(name)
+    original = params.get(name)
     if original == value:
         return
     if original is not None:
