@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple
 
 import pytest
 
+from luafcgid import protocol
 from tests.support import (
     H2O,
     Apache,
@@ -31,8 +32,11 @@ from tests.support import (
     WebServer,
     as_root,
     fastcgi_connections,
+    fcgi_connect,
+    fcgi_request_bytes,
     free_port,
     http,
+    read_records,
     wait_until,
     web_user,
     write_config,
@@ -343,3 +347,41 @@ def test_one_mebibyte_answer(web):
     reply = web.get("/big.lua")
     assert reply.status == 200, web.logs()
     assert reply.body == BIG
+
+
+# --- a FastCGI client that is not a web server: flup's FCGIApp ------------------------------
+
+
+@pytest.fixture(scope="module")
+def backend(base):
+    """luafcgid alone on TCP: (its docroot, its address)."""
+    site = base / "clients"
+    docroot = write_scripts(site / "www", SCRIPTS)
+    listen = f"127.0.0.1:{free_port()}"
+    settings = {"listen": listen, "processes": 1, "workers": 2,
+                "pidfile": str(site / "luafcgid.pid"), **as_root()}
+    luafcgid = Server(write_config(site / "config.lua", **settings), listen).start()
+    yield docroot, listen
+    luafcgid.stop()
+
+
+@pytest.mark.parametrize("script, body", [("hello.lua", b"Hello, world!"), ("big.lua", BIG)])
+def test_a_client_that_sends_an_empty_data_record_after_stdin_gets_its_whole_answer(
+        backend, script, body):
+    """flup's FCGIApp (no KEEP_CONN) ends each request with an empty DATA record. It must
+    not cost the answer: neither refused, nor cut short by a reset, which closing the
+    connection with that record unread would send (the kernel then drops the end of a
+    large answer it still holds)."""
+    docroot, listen = backend
+    params = {"REQUEST_METHOD": "GET", "SCRIPT_FILENAME": str(docroot / script)}
+    for _ in range(3):
+        with fcgi_connect(listen) as client:
+            client.sendall(fcgi_request_bytes(params))
+            # The DATA record once the answer is under way, as a slow client's would come.
+            wait_until(lambda: client.recv(1, socket.MSG_PEEK), 10, "the answer to start")
+            client.sendall(protocol.encode_record(protocol.DATA, 1))
+            records = read_records(client)
+            assert records[-1][0] == protocol.END_REQUEST
+            assert b"".join(content for kind, _, content in records
+                            if kind == protocol.STDOUT).endswith(b"\r\n\r\n" + body)
+            assert client.recv(1) == b""  # then the connection ends, cleanly
