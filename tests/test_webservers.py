@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 import pytest
 
 from luafcgid import protocol
+from luafcgid.workers.threaded import LINGER_ABOVE
 from tests.support import (
     H2O,
     Apache,
@@ -384,4 +385,7 @@ def test_a_client_that_sends_an_empty_data_record_after_stdin_gets_its_whole_ans
             assert records[-1][0] == protocol.END_REQUEST
             assert b"".join(content for kind, _, content in records
                             if kind == protocol.STDOUT).endswith(b"\r\n\r\n" + body)
-            assert client.recv(1) == b""  # then the connection ends, cleanly
+            if len(body) > LINGER_ABOVE:  # closed by lingering: it ends cleanly
+                assert client.recv(1) == b""
+            # (a small answer's connection is closed at once, and the late record may
+            # draw a reset: harmless, the client has the whole answer by then)
