@@ -8,6 +8,21 @@ Requests whose SCRIPT_NAME is the config's ``ping_path`` or ``status_path`` are
 answered here before any script is looked for (php-fpm's ``ping.path`` and
 ``pm.status_path``): ``pong``, or the pool's figures (luafcgid.status) as text,
 ``?json`` or ``?openmetrics``.
+
+SCRIPT_FILENAME is taken as php-fpm (``cgi.fix_pathinfo = 1``) takes it, so the
+recipes people copy from their php-fpm setups work: Apache's ``proxy:fcgi://host``
+(or ``proxy:balancer://``) prefix is stripped, and a path past the script
+(``/www/env.lua/extra``: lighttpd's ``broken-scriptfilename``, Apache's
+``ProxyPassMatch``) is split off, walking back over path components, never to the
+document root or ``root`` or above them, and only to names with an allowed extension.
+The script then sees SCRIPT_FILENAME, SCRIPT_NAME, PATH_INFO and PATH_TRANSLATED as
+php-fpm gives them (:func:`rewrite`), with what the web server sent kept under
+``ORIG_`` names. A relative SCRIPT_FILENAME is refused (500): it would otherwise be
+taken from the worker's working directory, which is nobody's intent.
+
+A HEAD request is answered with the head a GET would get, Content-Length
+included, and no body (RFC 3875 §4.3.3): some web servers (h2o) pass on what
+they get, and a body there breaks the client's next response.
 """
 
 from __future__ import annotations
@@ -15,7 +30,7 @@ from __future__ import annotations
 import itertools
 import os
 import stat
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from luafcgid import status
 from luafcgid.config import Settings
@@ -24,6 +39,33 @@ from luafcgid.lua import ScriptError, StateCache
 from luafcgid.lua import runtime as lua_runtime
 from luafcgid.protocol import Request
 from luafcgid.response import error_page
+
+# The prefixes Apache's mod_proxy_fcgi (and mod_proxy_balancer) put before the path in
+# SCRIPT_FILENAME with its default ``ProxyFCGIBackendType FPM``.
+PROXY_PREFIXES = (b"proxy:fcgi://", b"proxy:balancer://")
+
+
+class HeadOnly:
+    """The sink of a HEAD request: passes on the head of a streamed answer, drops its body.
+
+    The Lua side sends the whole head in its first output (prelude.lua's flush and
+    unbuffered puts send ``head .. "\\r\\n" .. data`` in one piece).
+    """
+
+    __slots__ = ("sink", "head_sent")
+
+    def __init__(self, sink: Callable[[bytes], None]) -> None:
+        self.sink = sink
+        self.head_sent = False
+
+    def __call__(self, data: bytes) -> None:
+        if self.head_sent:
+            return
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            self.head_sent = True
+            data = data[:end + 4]
+        self.sink(data)
 
 
 class Refusal(Exception):
@@ -48,6 +90,8 @@ class Application:
         self.settings = settings
         self.cache = StateCache(settings, worker_number)
         self.extensions = tuple(settings.extensions)
+        self.byte_extensions = tuple(os.fsencode(extension) for extension in self.extensions)
+        self.root = os.fsencode(settings.root) if settings.root else b""
         # SCRIPT_FILENAME → real path, for scripts that passed the checks and were regular
         # files when last looked at. The worker empties it every second (forget_paths), so
         # a deleted script, a moved symlink or a changed root is seen within a second
@@ -73,10 +117,13 @@ class Application:
 
         ``sink`` receives output the script flushes before it returns.
         """
+        params = request.params
+        # The one check a GET pays for HEAD; head() comes back here with its own sink.
+        if params.get(b"REQUEST_METHOD") == b"HEAD" and sink.__class__ is not HeadOnly:
+            return self.head(request, sink, thread_number)
         self.requests = next(self._numbers)
         if request.params_overflow:
             return self.params_too_large(request)
-        params = request.params
         if self.own_answers is not None:
             answer = self.own_answers.get(params.get(b"SCRIPT_NAME"))
             if answer is not None:
@@ -87,11 +134,14 @@ class Application:
                       "'fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name;' "
                       "to the web server's config")
             return self.error(500, "no script")
-        try:
-            script = self.resolve(filename)
-        except Refusal as refusal:
-            log.info("%s: %s (%d)", os.fsdecode(filename), refusal.reason, refusal.code)
-            return self.error(refusal.code, "")
+        script = self.real_paths.get(filename)
+        if script is None:
+            try:
+                script = self.locate(filename, params)
+            except Refusal as refusal:
+                report = log.error if refusal.code >= 500 else log.info
+                report("%s: %s (%d)", os.fsdecode(filename), refusal.reason, refusal.code)
+                return self.error(refusal.code, "")
         if request.body_too_large:
             log.warning("%s: request body over maxpost (%d bytes), answered 413; raise maxpost "
                         "in the config if such bodies are expected", script, self.settings.maxpost)
@@ -104,6 +154,19 @@ class Application:
                     "such requests are expected", request.params_overflow,
                     self.settings.max_params)
         return self.error(431, "")
+
+    def head(self, request: Request, sink: Callable[[bytes], None], thread_number: int) -> bytes:
+        """A HEAD request: what a GET would get, less its body (RFC 3875 §4.3.3).
+
+        The script runs as for a GET (it sees REQUEST_METHOD = HEAD); a buffered answer
+        keeps the Content-Length of its body, as php-fpm's does.
+        """
+        head_only = HeadOnly(sink)
+        output = self.handle(request, head_only, thread_number)
+        if head_only.head_sent:
+            return b""  # the head went out early: what is left is body
+        end = output.find(b"\r\n\r\n")
+        return output if end < 0 else output[:end + 4]
 
     def run(self, script: str, request: Request, sink: Callable[[bytes], None],
             thread_number: int) -> bytes:
@@ -123,21 +186,89 @@ class Application:
         finally:
             self.cache.release(state)
 
-    def resolve(self, filename: bytes) -> str:
-        """The real path of the script ``filename`` names, or :class:`Refusal`."""
-        real = self.real_paths.get(filename)
-        if real is not None:
-            return real
-        real = self.check(filename)
-        try:
-            mode = os.stat(real).st_mode
-        except OSError:
-            raise Refusal(404, "script not found") from None
-        if not stat.S_ISREG(mode):
-            raise Refusal(404, "not a regular file")
-        # Only scripts that exist: made-up names must not fill the cache.
-        self.real_paths[filename] = real
+    def locate(self, filename: bytes, params: Dict[bytes, bytes]) -> str:
+        """The real path of the script a SCRIPT_FILENAME not known this second names.
+
+        Strips Apache's ``proxy:`` prefix and splits off a path past the script, and
+        then tells the script so through ``params`` (see :func:`rewrite`). Raises
+        :class:`Refusal`.
+        """
+        name = filename
+        from_apache = False
+        if name[:6].lower() == b"proxy:":
+            name = strip_proxy(name)
+            if name != filename:
+                from_apache = True
+                real = self.real_paths.get(name)
+                if real is not None:  # Apache's SetHandler recipe: every request comes here
+                    params[b"SCRIPT_FILENAME"] = name
+                    return real
+        if b"\0" in name:
+            raise Refusal(404, "script name contains a NUL byte")
+        if not name.startswith(b"/"):
+            raise Refusal(500, "SCRIPT_FILENAME is not an absolute path: have the web server "
+                               "send the script's full path ($document_root$fastcgi_script_name "
+                               "in nginx)")
+        script, real = self.find_script(name, params)
+        if script != filename:
+            rewrite(params, name, script, from_apache)
         return real
+
+    def find_script(self, name: bytes, params: Dict[bytes, bytes]) -> Tuple[bytes, str]:
+        """The script file ``name`` is, or begins with (then the rest is PATH_INFO), and
+        its real path. Only names that are such files enter ``real_paths``, so a made-up
+        PATH_INFO never grows it."""
+        real = self.real_paths.get(name)
+        if real is not None:
+            return name, real
+        prefixes = self.script_prefixes(name, params)
+        for prefix in prefixes:
+            real = self.real_paths.get(prefix)
+            if real is not None:
+                # At most one prefix of a path can be a file: no need to look at the rest.
+                return prefix, real
+        if name.endswith(self.byte_extensions):
+            real = self.check(name)
+            try:
+                mode = os.stat(real).st_mode
+            except OSError:
+                mode = None  # no such file: perhaps a script with a path after it
+            if mode is not None:
+                if not stat.S_ISREG(mode):
+                    raise Refusal(404, "not a regular file")
+                self.real_paths[name] = real
+                return name, real
+        elif not prefixes:
+            raise Refusal(403, f"extension not in extensions {list(self.extensions)}")
+        for prefix in prefixes:
+            try:
+                if not stat.S_ISREG(os.stat(prefix).st_mode):
+                    continue
+            except OSError:
+                continue
+            real = self.check(prefix)  # the script found: its checks decide
+            self.real_paths[prefix] = real
+            return prefix, real
+        raise Refusal(404, "script not found")
+
+    def script_prefixes(self, name: bytes, params: Dict[bytes, bytes]) -> List[bytes]:
+        """The names ``name`` may be a script plus a path after it, longest first: each ends
+        at a ``/`` of ``name`` and with an allowed extension, and is longer than the
+        document root or ``root`` that ``name`` lies under (the walk never reaches them)."""
+        floor = 0
+        for top in (params.get(b"DOCUMENT_ROOT"), self.root):
+            if top:
+                top = top.rstrip(b"/")
+                if name.startswith(top + b"/") and len(top) > floor:
+                    floor = len(top)
+        prefixes = []
+        end = name.rfind(b"/")
+        while end > floor:
+            prefix = name[:end]
+            if prefix.endswith(self.byte_extensions):
+                prefixes.append(prefix)
+            end = name.rfind(b"/", 0, end)
+        return prefixes
 
     def forget_paths(self) -> None:
         """Look at every script's path and file again at its next request (every second)."""
@@ -145,8 +276,6 @@ class Application:
 
     def check(self, filename: bytes) -> str:
         """Refuse names outside ``extensions`` or ``root``; return the real path."""
-        if b"\0" in filename:
-            raise Refusal(404, "script name contains a NUL byte")
         name = os.fsdecode(filename)
         if not name.endswith(self.extensions):
             raise Refusal(403, f"extension not in extensions {list(self.extensions)}")
@@ -210,3 +339,63 @@ class Application:
         self.cache.close()
         self.cache.sessions.close()
 
+
+
+def strip_proxy(name: bytes) -> bytes:
+    """``proxy:fcgi://host:port/www/x.lua?q`` → ``/www/x.lua`` (Apache's mod_proxy_fcgi with
+    ``ProxyFCGIBackendType FPM``, its default); anything else as it is."""
+    lower = name.lower()
+    for prefix in PROXY_PREFIXES:
+        if lower.startswith(prefix):
+            path = name.find(b"/", len(prefix))
+            if path < 0:
+                return name
+            return name[path:].split(b"?", 1)[0]
+    return name
+
+
+def rewrite(params: Dict[bytes, bytes], name: bytes, script: bytes, from_apache: bool) -> None:
+    """Tell the script where it is, as php-fpm (``cgi.fix_pathinfo = 1``) does.
+
+    SCRIPT_FILENAME becomes the script. When a path (``tail``) was split off ``name`` (the
+    name sent, less Apache's prefix), it is kept as ORIG_SCRIPT_FILENAME, and: from Apache
+    (mod_proxy_fcgi cannot set PATH_INFO) the tail is PATH_INFO and leaves SCRIPT_NAME;
+    from others the web server's own PATH_INFO stands (lighttpd's broken-scriptfilename
+    puts a "/" after every name, path info or not), unless it also holds the script's
+    name (mod_fastcgi's ``Action`` way), which then moves to SCRIPT_NAME. PATH_TRANSLATED
+    is the document root plus PATH_INFO. A value changed is kept under its ``ORIG_`` name.
+    """
+    params[b"SCRIPT_FILENAME"] = script
+    tail = name[len(script):]
+    if not tail:
+        return  # only Apache's prefix went
+    params[b"ORIG_SCRIPT_FILENAME"] = name
+    path_info = params.get(b"PATH_INFO")
+    script_name = params.get(b"SCRIPT_NAME")
+    if from_apache:
+        replace(params, b"PATH_INFO", tail)
+        if script_name and len(script_name) > len(tail) and script_name.endswith(tail):
+            script_name = script_name[:-len(tail)]
+            replace(params, b"SCRIPT_NAME", script_name)
+    elif path_info is not None and len(path_info) > len(tail):
+        script_name = path_info[:-len(tail)]
+        replace(params, b"PATH_INFO", path_info[-len(tail):])
+        replace(params, b"SCRIPT_NAME", script_name)
+    path_info = params.get(b"PATH_INFO") or b""
+    docroot = params.get(b"DOCUMENT_ROOT")
+    if docroot:
+        if docroot.endswith(b"/"):
+            docroot = docroot[:-1]
+        replace(params, b"PATH_TRANSLATED", docroot + path_info)
+    elif script_name and script.endswith(script_name):
+        replace(params, b"PATH_TRANSLATED", script[:-len(script_name)] + path_info)
+
+
+def replace(params: Dict[bytes, bytes], name: bytes, value: bytes) -> None:
+    """Set ``params[name]``, keeping a different value it had under ``ORIG_<name>``."""
+    original = params.get(name)
+    if original == value:
+        return
+    if original is not None:
+        params[b"ORIG_" + name] = original
+    params[name] = value

@@ -16,6 +16,9 @@ Malformed input raises :class:`ProtocolError`; the server then closes that conne
 held), and handed out with ``params_overflow`` set, for the server to answer 431. The
 answer to a request is built with :func:`stdout_records` and :func:`end_request`.
 
+An empty DATA record for the request being read or the last one handed out is
+ignored (flup's FCGIApp ends every request with one, as a FILTER client would).
+
 We do not multiplex: one request at a time is read per connection, and a
 BEGIN_REQUEST for another id while one is being read is refused with
 CANT_MPX_CONN. Records of a refused request are ignored, as the spec asks.
@@ -442,6 +445,12 @@ class Connection:
             return self._abort(request_id)
         if record_type == PARAMS or record_type == STDIN:
             raise ProtocolError(f"record for request {request_id} which is not active")
+        if (record_type == DATA and start == end
+                and (request_id == self._request_id or request_id == self._last_id)):
+            # The empty DATA stream some clients (flup's FCGIApp) send after STDIN: a
+            # RESPONDER has no DATA stream, and an empty one says nothing (php-fpm
+            # ignores it too). DATA with content is still refused below.
+            return None
         name = _RECORD_NAMES[record_type]
         raise ProtocolError(f"unexpected {name} record for request {request_id}")
 

@@ -488,3 +488,321 @@ def fcgi_call(address: str, params: Mapping[str, str], body: bytes = b"",
     finally:
         if own:
             sock.close()
+
+
+# --- other web servers: Apache, lighttpd, Caddy, h2o -----------------------------------------
+
+# Who the web servers run as when the tests run as root (CI): Debian's web server account.
+# Their workers then reach luafcgid's unix socket through socket_owner, and the docroot
+# must be readable by it (the tests' own tmp dirs, 0700 under /tmp/pytest-of-root, are not).
+WEB_USER = "www-data"
+
+
+def web_user() -> Optional[str]:
+    """The account the web servers switch to: WEB_USER as root, else None (they stay us)."""
+    return WEB_USER if os.geteuid() == 0 else None
+
+
+def fastcgi_target(address: str) -> tuple:
+    """A luafcgid ``listen`` address as ("unix", path) or ("tcp", host, port)."""
+    if address.startswith("/"):
+        return ("unix", address)
+    host, _, port = address.rpartition(":")
+    return ("tcp", host.strip("[]"), int(port))
+
+
+class WebServer:
+    """A web server from Debian's packages on a free loopback port, with its own config, pid
+    file and logs under ``prefix``; run in the foreground as a child and stopped by its pid.
+
+    Subclasses give the program, the Debian package, the config and the command line.
+    """
+
+    program = ""
+    package = ""
+    config_name = "server.conf"
+
+    def __init__(self, prefix: Path, docroot: Path, fastcgi_address: str) -> None:
+        self.prefix = prefix
+        self.docroot = docroot
+        self.fastcgi = fastcgi_target(fastcgi_address)
+        self.port = free_port()
+        self.user = web_user()
+        prefix.mkdir(parents=True, exist_ok=True)
+        if self.user:  # logs and pid files are written after the switch to the web user
+            shutil.chown(prefix, self.user)
+        self.conf = prefix / self.config_name
+        self.conf.write_text(self.config())
+        self.process: Optional[subprocess.Popen] = None
+
+    @classmethod
+    def missing(cls) -> Optional[str]:
+        """Why this server cannot run here, or None."""
+        if shutil.which(cls.program) or Path("/usr/sbin", cls.program).exists():
+            return None
+        return f"{cls.program} is not installed (Debian package {cls.package})"
+
+    def config(self) -> str:
+        raise NotImplementedError
+
+    def command(self) -> list:
+        raise NotImplementedError
+
+    def environment(self) -> Optional[dict]:
+        return None
+
+    def start(self, timeout: float = 20.0) -> WebServer:
+        self._output = open(self.prefix / "output.log", "ab")
+        self.process = subprocess.Popen(self.command(), stdout=self._output,
+                                        stderr=subprocess.STDOUT, env=self.environment(),
+                                        start_new_session=True)
+        wait_until(lambda: accepts(f"127.0.0.1:{self.port}") or self.process.poll() is not None,
+                   timeout=timeout, what=f"{self.program} to listen")
+        if self.process.poll() is not None:
+            self._output.close()
+            raise RuntimeError(f"{self.program} did not start:\n{self.logs()}")
+        return self
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._output.close()
+
+    def logs(self) -> str:
+        """Everything the server wrote: its output and its error log."""
+        parts = []
+        for path in sorted(self.prefix.glob("*.log")):
+            parts.append(f"--- {path.name}\n{path.read_text(errors='replace')}")
+        return "\n".join(parts)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+class Apache(WebServer):
+    """Apache 2.4 with mod_proxy_fcgi, in one of the two php-fpm recipes: ``SetHandler``
+    to a unix socket (the default ``ProxyFCGIBackendType FPM`` sends SCRIPT_FILENAME as
+    ``proxy:fcgi://localhost/...``), or ``ProxyPassMatch`` (the path info stays in
+    SCRIPT_FILENAME). Both with connection reuse and flushpackets."""
+
+    program = "apache2"
+    package = "apache2"
+    config_name = "httpd.conf"
+    MODULES = "/usr/lib/apache2/modules"
+
+    def __init__(self, prefix: Path, docroot: Path, fastcgi_address: str,
+                 recipe: str = "sethandler") -> None:
+        self.recipe = recipe
+        super().__init__(prefix, docroot, fastcgi_address)
+
+    def handler(self) -> str:
+        if self.recipe == "sethandler":
+            assert self.fastcgi[0] == "unix", "the SetHandler recipe is for a unix socket"
+            return APACHE_SETHANDLER.format(socket=self.fastcgi[1])
+        if self.fastcgi[0] == "unix":
+            backend = f"unix:{self.fastcgi[1]}|fcgi://localhost"
+        else:
+            backend = f"fcgi://{self.fastcgi[1]}:{self.fastcgi[2]}"
+        return APACHE_PROXYPASSMATCH.format(backend=backend, docroot=self.docroot)
+
+    def config(self) -> str:
+        user = f"User {self.user}\nGroup {self.user}\n" if self.user else ""
+        return APACHE_CONF.format(prefix=self.prefix, port=self.port, user=user,
+                                  modules=self.MODULES, docroot=self.docroot,
+                                  handler=self.handler())
+
+    def command(self) -> list:
+        return [shutil.which(self.program) or "/usr/sbin/apache2", "-f", str(self.conf),
+                "-DFOREGROUND"]
+
+
+APACHE_CONF = """\
+ServerRoot {prefix}
+ServerName 127.0.0.1
+Listen 127.0.0.1:{port}
+PidFile {prefix}/httpd.pid
+ErrorLog {prefix}/error.log
+LogLevel warn
+DefaultRuntimeDir {prefix}
+Mutex file:{prefix} default
+{user}LoadModule mpm_event_module {modules}/mod_mpm_event.so
+LoadModule authz_core_module {modules}/mod_authz_core.so
+LoadModule proxy_module {modules}/mod_proxy.so
+LoadModule proxy_fcgi_module {modules}/mod_proxy_fcgi.so
+DocumentRoot {docroot}
+<Directory {docroot}>
+    Require all granted
+</Directory>
+{handler}
+"""
+
+# The README's Apache recipes, with the paths and ports filled in.
+APACHE_SETHANDLER = """\
+<Proxy "fcgi://localhost" enablereuse=on flushpackets=on>
+</Proxy>
+<FilesMatch "\\.lua$">
+    SetHandler "proxy:unix:{socket}|fcgi://localhost"
+</FilesMatch>
+"""
+
+APACHE_PROXYPASSMATCH = """\
+ProxyPassMatch "^/(.*\\.lua(/.*)?)$" "{backend}{docroot}/$1" enablereuse=on flushpackets=on
+"""
+
+
+class Lighttpd(WebServer):
+    """lighttpd 1.4 with mod_fastcgi, streaming responses, with or without Debian's PHP
+    recipe's ``broken-scriptfilename`` (the path info stays in SCRIPT_FILENAME)."""
+
+    program = "lighttpd"
+    package = "lighttpd"
+    config_name = "lighttpd.conf"
+
+    def __init__(self, prefix: Path, docroot: Path, fastcgi_address: str,
+                 broken_scriptfilename: bool = False) -> None:
+        self.broken_scriptfilename = broken_scriptfilename
+        super().__init__(prefix, docroot, fastcgi_address)
+
+    def config(self) -> str:
+        user = (f'server.username = "{self.user}"\nserver.groupname = "{self.user}"\n'
+                if self.user else "")
+        if self.fastcgi[0] == "unix":
+            backend = f'"socket" => "{self.fastcgi[1]}",'
+        else:
+            backend = f'"host" => "{self.fastcgi[1]}", "port" => {self.fastcgi[2]},'
+        broken = '\n    "broken-scriptfilename" => "enable",' if self.broken_scriptfilename else ""
+        return LIGHTTPD_CONF.format(prefix=self.prefix, port=self.port, user=user,
+                                    docroot=self.docroot, backend=backend, broken=broken)
+
+    def command(self) -> list:
+        return [shutil.which(self.program) or "/usr/sbin/lighttpd", "-D", "-f", str(self.conf)]
+
+
+LIGHTTPD_CONF = """\
+server.document-root = "{docroot}"
+server.bind = "127.0.0.1"
+server.port = {port}
+server.pid-file = "{prefix}/lighttpd.pid"
+server.errorlog = "{prefix}/error.log"
+{user}server.modules += ("mod_fastcgi")
+server.stream-response-body = 2
+fastcgi.server = (".lua" => ((
+    {backend}{broken}
+)))
+"""
+
+
+class Caddy(WebServer):
+    """Caddy 2 with its FastCGI transport (``reverse_proxy`` + ``transport fastcgi``),
+    admin endpoint off, its data and config dirs in ``prefix``."""
+
+    program = "caddy"
+    package = "caddy"
+    config_name = "Caddyfile"
+
+    def config(self) -> str:
+        if self.fastcgi[0] == "unix":
+            backend = f"unix/{self.fastcgi[1]}"
+        else:
+            backend = f"{self.fastcgi[1]}:{self.fastcgi[2]}"
+        return CADDYFILE.format(prefix=self.prefix, port=self.port, docroot=self.docroot,
+                                backend=backend)
+
+    def command(self) -> list:
+        return [shutil.which(self.program) or "/usr/bin/caddy", "run", "--config",
+                str(self.conf), "--adapter", "caddyfile"]
+
+    def environment(self) -> dict:
+        return {**os.environ, "HOME": str(self.prefix), "XDG_DATA_HOME": str(self.prefix / "data"),
+                "XDG_CONFIG_HOME": str(self.prefix / "config")}
+
+
+CADDYFILE = """\
+{{
+    admin off
+    auto_https off
+    storage file_system {prefix}/data
+}}
+http://127.0.0.1:{port} {{
+    root * {docroot}
+    @lua path *.lua *.lua/*
+    reverse_proxy @lua {backend} {{
+        transport fastcgi {{
+            split .lua
+        }}
+        flush_interval -1
+        header_down -Status
+    }}
+    file_server
+}}
+"""
+
+
+class H2O(WebServer):
+    """h2o 2.2 serving the docroot, ``.lua`` files through ``file.custom-handler`` to
+    FastCGI, with kept-alive FastCGI connections."""
+
+    program = "h2o"
+    package = "h2o"
+    config_name = "h2o.conf"
+
+    def config(self) -> str:
+        if self.fastcgi[0] == "unix":
+            backend = f"port: {self.fastcgi[1]}\n            type: unix"
+        else:
+            backend = f"host: {self.fastcgi[1]}\n            port: {self.fastcgi[2]}\n" \
+                      "            type: tcp"
+        user = f"user: {self.user}\n" if self.user else ""
+        return H2O_CONF.format(prefix=self.prefix, port=self.port, user=user,
+                               docroot=self.docroot, backend=backend)
+
+    def command(self) -> list:
+        return [shutil.which(self.program) or "/usr/bin/h2o", "-c", str(self.conf)]
+
+
+H2O_CONF = """\
+listen:
+  host: 127.0.0.1
+  port: {port}
+pid-file: {prefix}/h2o.pid
+error-log: {prefix}/error.log
+{user}hosts:
+  default:
+    paths:
+      /:
+        file.dir: {docroot}
+        file.custom-handler:
+          extension: .lua
+          fastcgi.connect:
+            {backend}
+          fastcgi.document_root: {docroot}
+          fastcgi.timeout.keepalive: 10000
+"""
+
+
+def fastcgi_connections(master_pid: int, address: str) -> int:
+    """FastCGI connections the workers of a luafcgid master hold open now (its listening
+    socket, which every worker inherits, not counted)."""
+    import psutil
+
+    target = fastcgi_target(address)
+    kind = "unix" if target[0] == "unix" else "inet"
+    master = psutil.Process(master_pid)
+    listening = {connection.fd for connection in master.net_connections(kind=kind)}
+    count = 0
+    for worker in master.children():
+        for connection in worker.net_connections(kind=kind):
+            if connection.fd in listening:
+                continue
+            if target[0] == "unix":
+                count += connection.laddr == target[1]
+            else:
+                count += bool(connection.laddr) and connection.laddr.port == target[2]
+    return count

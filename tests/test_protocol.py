@@ -223,6 +223,37 @@ def test_kept_alive_connection_reuses_request_id_1() -> None:
     assert conn.receive(first) == [Request(1, True, {b"N": b"1"}, b"", False)]
 
 
+def test_empty_data_record_after_stdin_is_ignored_as_flup_sends_it() -> None:
+    """flup's FCGIApp: BEGIN (no KEEP_CONN), PARAMS, STDIN, then an empty DATA record."""
+    flup = (header(protocol.BEGIN_REQUEST, 1, 8, 0) + b"\x00\x01\x00\x00\x00\x00\x00\x00"
+            + header(protocol.PARAMS, 1, 4, 4) + b"\x01\x01AB\x00\x00\x00\x00"
+            + header(protocol.PARAMS, 1, 0, 0)
+            + header(protocol.STDIN, 1, 2, 6) + b"hi\x00\x00\x00\x00\x00\x00"
+            + header(protocol.STDIN, 1, 0, 0)
+            + header(protocol.DATA, 1, 0, 0))
+    assert connection().receive(flup) == [Request(1, False, {b"A": b"B"}, b"hi", False)]
+    # The DATA record in a later read than the request it follows, then the next request.
+    conn = connection()
+    cut = len(flup) - 8
+    assert conn.receive(flup[:cut]) == [Request(1, False, {b"A": b"B"}, b"hi", False)]
+    assert conn.receive(flup[cut:]) == []
+    assert conn.between_requests
+    assert conn.receive(request_bytes({}, request_id=1)) == [Request(1, False, {}, b"", False)]
+
+
+def test_empty_data_record_while_the_request_is_read_is_ignored() -> None:
+    data = (begin(2) + stream(protocol.PARAMS, 2, b"\x01\x01AB")
+            + encode_record(protocol.DATA, 2) + stream(protocol.STDIN, 2, b"xy"))
+    assert connection().receive(data) == [Request(2, False, {b"A": b"B"}, b"xy", False)]
+
+
+def test_data_with_content_or_for_another_request_is_still_refused() -> None:
+    protocol_error(request_bytes({}) + encode_record(protocol.DATA, 1, b"filter input"),
+                   "unexpected DATA record for request 1")
+    protocol_error(request_bytes({}) + encode_record(protocol.DATA, 7),
+                   "unexpected DATA record for request 7")
+
+
 def test_large_body_over_many_records() -> None:
     body = bytes(range(256)) * 1000
     (request,) = connection().receive(request_bytes(NGINX_PARAMS, body, body_chunk=1000))

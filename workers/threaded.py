@@ -67,6 +67,12 @@ HANDOFF_AFTER = 0.005
 # Idle polls after which the standby stops polling until the next request starts (an idle
 # worker then costs no CPU).
 PARK_AFTER_POLLS = int(1.0 / HANDOFF_AFTER)
+# Closing a connection whose answer may not all be on its way yet: seconds we read (and
+# drop) what the client still sends, waiting for it to close (Apache's lingering close;
+# see ThreadWorker.linger), and the answer size from which that is done. A local peer
+# takes smaller answers whole at once (Linux's initial receive window is 64 KiB).
+LINGER = 2.0
+LINGER_ABOVE = 64 * 1024
 
 Job = Union[protocol.Request, bytes]
 
@@ -76,7 +82,7 @@ class Connection:
 
     __slots__ = ("sock", "fd", "parser", "lock", "busy", "pending", "closed", "finished",
                  "request_id", "send_timeout", "head", "streamed", "outbox", "stalled_since",
-                 "events", "shed")
+                 "events", "shed", "big", "lingering")
 
     def __init__(self, sock: socket.SocketType, parser: protocol.Connection, lock: threading.Lock,
                  send_timeout: float) -> None:
@@ -98,6 +104,8 @@ class Connection:
         self.stalled_since = 0.0   # when the outbox last moved
         self.events = 0            # what the selector watches it for (0: not registered)
         self.shed = False          # taken over the cap: its request is answered 503
+        self.big = False           # an answer was large or streamed: close by lingering
+        self.lingering = 0.0       # answered and shut for writing at this time: read, then close
 
     def send(self, data: bytes) -> None:
         """Send now, waiting for room (a running script's flush: backpressure is right).
@@ -130,6 +138,7 @@ class Connection:
     def sink(self, data: bytes) -> None:
         """Where a script's flushed output goes: STDOUT records, sent now."""
         if data:
+            self.big = True
             self.send(protocol.stdout_records(self.request_id, data))
 
     def logged_sink(self, data: bytes) -> None:
@@ -386,7 +395,8 @@ class ThreadWorker(Worker):
         new one (None when every connection is busy)."""
         for connection in self.connections.values():
             if (not connection.busy and connection.request_id and not connection.outbox
-                    and connection.parser.between_requests and not connection.shed):
+                    and connection.parser.between_requests and not connection.finished
+                    and not connection.shed):
                 return connection
         return None
 
@@ -430,6 +440,10 @@ class ThreadWorker(Worker):
             return
         except OSError:
             data = b""
+        if connection.lingering:
+            if not data:
+                self.close(connection)
+            return  # what a finished connection still sends is read only to be dropped
         if not data:
             if not connection.parser.between_requests:
                 log.warning("worker %d: a FastCGI connection ended inside a request "
@@ -519,7 +533,7 @@ class ThreadWorker(Worker):
         if waiting:
             self.watch(connection, connection.events | selectors.EVENT_WRITE)
         elif done:
-            self.close(connection)
+            self.end(connection)
 
     def write(self, connection: Connection) -> None:
         """The socket has room: send from the outbox; close a finished connection once empty."""
@@ -543,14 +557,42 @@ class ThreadWorker(Worker):
                     return
                 connection.outbox.popleft()
         if close:
-            self.close(connection)
+            self.linger(connection)
         else:
             self.watch(connection, connection.events & ~selectors.EVENT_WRITE)
 
+    def end(self, connection: Connection) -> None:
+        """Close a connection whose last request was answered."""
+        if connection.big:
+            self.linger(connection)
+        else:
+            self.close(connection)
+
+    def linger(self, connection: Connection) -> None:
+        """Close a finished connection whose answer may not all be on its way yet (large,
+        streamed, or left to the outbox): end our side, then read until the client
+        closes (at most LINGER s).
+
+        Closing a socket that has unread input resets the connection, and the reset drops
+        what the kernel still holds of the answer: a client that sends anything after its
+        last request (flup's FCGIApp sends an empty DATA record) would lose the end of a
+        large answer. Small answers are closed at once: the client already has them, and
+        lingering costs a few system calls and a round of the loop."""
+        try:
+            connection.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close(connection)
+            return
+        connection.lingering = time.monotonic()
+        self.watch(connection, selectors.EVENT_READ)
+
     def drop_stalled(self, now: float) -> None:
-        """Let go of clients that took nothing of their answer for `timeout`."""
+        """Let go of clients that took nothing of their answer for `timeout`, and of
+        lingering ones that did not close within LINGER."""
         for connection in list(self.connections.values()):
-            if connection.outbox and now - connection.stalled_since > connection.send_timeout:
+            if connection.lingering and now - connection.lingering > LINGER:
+                self.close(connection)
+            elif connection.outbox and now - connection.stalled_since > connection.send_timeout:
                 log.info("worker %d: a client took no part of its answer for %g s: closing "
                          "its connection", self.number, connection.send_timeout)
                 self.close(connection)
@@ -580,7 +622,7 @@ class ThreadWorker(Worker):
         if orphaned:
             connection.sock.close()
         elif close_now:
-            self.close(connection)
+            self.end(connection)
         elif ending:
             self.hand_to_loop(connection)
         if not self.alive:
@@ -617,7 +659,10 @@ class ThreadWorker(Worker):
             except Exception:
                 log.exception("worker %d: internal error answering a request", self.number)
                 output = error_page(500, self.settings.headers)
-            self.finish(connection, protocol.response_records(request_id, output))
+            records = protocol.response_records(request_id, output)
+            if len(records) > LINGER_ABOVE:
+                connection.big = True
+            self.finish(connection, records)
         finally:
             if access_log is not None:  # the line is written for a lost client too
                 log_access(access_log, request, connection, output,
