@@ -444,7 +444,8 @@ def test_luafcgid2_globals_lf_and_local_config(site, lua):
 
 
 def test_lf_is_usable_before_and_after_a_script_writes_to_it(site):
-    """lf fills itself at its first read: a script may add its own helpers first."""
+    """lf fills itself at its first read or pairs(): a script may add its own helpers
+    first, and they stay."""
     web = site()
     page = web.script("""
         function lf.shout(s) return s:upper() end
