@@ -6,6 +6,13 @@ Every global it leaves behind that the standard library did not define is a sett
 as aliases of luafcgid's, and luafcgid2's settings that have no counterpart here are
 accepted (type-checked) so its config files load unchanged.
 
+The originals read the globals they knew and ignored every other one (config.c:57-78,
+settings.cpp:153-184), and luafcgid's manual lets a config define functions. So a global
+that is no setting is ignored with one warning naming it, unless its name is a likely
+typo of a setting (``wrkers``): that is refused, with the setting it resembles. The
+warning and the line about luafcgid2's settings that have no effect here are logged once
+the log is set up (:func:`luafcgid.log.config_notices`).
+
 Every setting is one row of :data:`KEYS`: name → (check, default). A check takes the
 value (plain Python data: ``str``, ``int``, ``float``, ``bool``, ``dict`` for tables)
 and the config file's directory, and returns the canonical value or raises
@@ -31,6 +38,7 @@ import difflib
 import grp
 import http
 import ipaddress
+import logging
 import math
 import os
 import pwd
@@ -40,7 +48,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import lupa.lua54
 
-from luafcgid.log import DEFAULT_ACCESS_FORMAT, LEVELS, check_access_format, log
+from luafcgid.log import DEFAULT_ACCESS_FORMAT, LEVELS, check_access_format, config_notices
 
 
 class ConfigError(Exception):
@@ -82,6 +90,16 @@ class _LuaFunction:
 _FUNCTION = _LuaFunction()
 
 
+class _NotASetting:
+    """Stands for the value of a global that is no setting: it is not converted."""
+
+    def __repr__(self) -> str:
+        return "a value"
+
+
+_NOT_A_SETTING = _NotASetting()
+
+
 # --- checks --------------------------------------------------------------------------------
 
 
@@ -107,6 +125,31 @@ def _as_integer(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise Invalid(f"expected an integer, got {_kind(value)} ({value!r})")
     return value
+
+
+# Lua's string → number conversion (lua_isnumber, tonumber): around the number, C's
+# whitespace; decimal or hexadecimal, integer or float. Nothing else: no "inf", no "1_0".
+_LUA_SPACE = " \t\n\v\f\r"
+_LUA_DECIMAL_INTEGER = re.compile(r"[+-]?[0-9]+")
+_LUA_DECIMAL_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+_LUA_HEX_INTEGER = re.compile(r"[+-]?0[xX][0-9a-fA-F]+")
+_LUA_HEX_FLOAT = re.compile(r"[+-]?0[xX]([0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)"
+                            r"([pP][+-]?[0-9]+)?")
+
+
+def lua_number(text: str) -> Optional[float]:
+    """The number Lua reads in ``text`` ("4", " 4 ", "0x10", "1e3"), None when it reads
+    none ("4x", "")."""
+    text = text.strip(_LUA_SPACE)
+    if _LUA_DECIMAL_INTEGER.fullmatch(text):
+        return int(text)
+    if _LUA_HEX_INTEGER.fullmatch(text):
+        return int(text, 16)
+    if _LUA_DECIMAL_FLOAT.fullmatch(text):
+        return float(text)
+    if _LUA_HEX_FLOAT.fullmatch(text):
+        return float.fromhex(text)
+    return None
 
 
 def integer(minimum: int, maximum: Optional[int] = None) -> Check:
@@ -450,6 +493,7 @@ KEYS: Dict[str, Tuple[Check, Any]] = {
     "headersize": (integer(0), 64),
     "bodysize": (integer(0), 1024),
     "headers": (headers, b""),
+    "elapsed_time_header": (boolean, DERIVED),
     "handler": (handler, "main"),
     "httpstatus": (http_status, "200 OK"),
     "contenttype": (one_line, "text/html"),
@@ -533,6 +577,29 @@ IGNORED_KEYS: Dict[str, Check] = {
     "maxcount": integer(0),
 }
 
+# luafcgid read these with lua_isnumber (config.c:59-78 through main.c:31-40): a string
+# that reads as a number counts, so workers = "4" is 4 workers. luafcgid2 checked the type
+# (settings.cpp:36-41), and nobody else's keys ever took a string: those stay refused.
+LUA_ISNUMBER_KEYS = frozenset({"workers", "states", "clones", "sweep", "watchdog", "retries",
+                               "headersize", "bodysize", "maxpost", "maxcount", "backlog"})
+
+# luafcgid2's own names: a config that uses one is a luafcgid2 config, whose answers carry
+# X-ElapsedTime unless elapsed_time_header says otherwise. Its session settings are left
+# out: they are how anyone configures sessions.
+LUAFCGID2_NAMES = frozenset({*ALIASES, "LuaStates", "BodySectors", "MinFileInfoTime",
+                             "UseFileChecksum"})
+
+# Every name a setting goes by.
+KNOWN_NAMES = frozenset({*KEYS, *ALIASES, *SESSION_KEYS, *IGNORED_KEYS})
+# The same lower-cased, for the typo check: the first spelling of a lower-cased name wins,
+# so "listn" suggests listen, not luafcgid2's Listen.
+_KNOWN_BY_LOWER: Dict[str, str] = {}
+for _name in (*KEYS, *ALIASES, *SESSION_KEYS, *IGNORED_KEYS):
+    _KNOWN_BY_LOWER.setdefault(_name.lower(), _name)
+# How alike a global's name must be to a setting's to be taken for a typo of it: 0.85 holds
+# wrkers, hanlder, max_post, showerror, config; it lets helpers, docroot, site_name pass.
+TYPO_CUTOFF = 0.85
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -551,6 +618,7 @@ class Settings:
     headersize: int
     bodysize: int
     headers: bytes
+    elapsed_time_header: bool
     handler: str
     httpstatus: str
     contenttype: str
@@ -622,10 +690,12 @@ def from_mapping(values: dict, path: str = "") -> Settings:
     config_dir = os.path.dirname(path) if path else os.getcwd()
     given: Dict[str, Tuple[str, Any]] = {}  # canonical key → (name written, value)
     session = {key: default for key, (_, default) in SESSION_KEYS.items()}
-    ignored = []
+    ignored, not_settings = [], []
     for name in sorted(values, key=str):
         value = values[name]
         key = ALIASES.get(name, name)
+        if name in LUA_ISNUMBER_KEYS and isinstance(value, str):
+            value = _lua_isnumber(value)
         if key in KEYS:
             if key in given:
                 raise ConfigError(path, name, f"set twice, as {given[key][0]} and as {name}; "
@@ -637,7 +707,8 @@ def from_mapping(values: dict, path: str = "") -> Settings:
             _checked(path, name, IGNORED_KEYS[key], value, config_dir)
             ignored.append(name)
         else:
-            raise ConfigError(path, str(name), _unknown(name, value))
+            _not_a_typo(path, name, value)
+            not_settings.append(f"{name}()" if value is _FUNCTION else str(name))
     settings = {}
     for key, (check, default) in KEYS.items():
         if key in given:
@@ -646,10 +717,10 @@ def from_mapping(values: dict, path: str = "") -> Settings:
         else:
             # Config's {} must not be shared between Settings.
             settings[key] = dict(default) if isinstance(default, dict) else default
+    if settings["elapsed_time_header"] is DERIVED:
+        settings["elapsed_time_header"] = not LUAFCGID2_NAMES.isdisjoint(map(str, values))
     _derive(settings, given, path)
-    if ignored:
-        log.info("config %s: %s have no effect in luafcgid and are ignored",
-                 path or "(defaults)", ", ".join(ignored))
+    config_notices(_notices(path or "(defaults)", ignored, not_settings))
     return Settings(path=path, session=session,
                     **{FIELDS.get(key, key): value for key, value in settings.items()})
 
@@ -661,14 +732,34 @@ def _checked(path: str, name: str, check: Check, value: Any, config_dir: str) ->
         raise ConfigError(path, name, str(error)) from None
 
 
-def _unknown(name: Any, value: Any) -> str:
+def _lua_isnumber(text: str) -> Any:
+    """A number-as-string read as Lua reads it; else the string, for the check to refuse."""
+    number = lua_number(text)
+    return text if number is None else number
+
+
+def _not_a_typo(path: str, name: Any, value: Any) -> None:
+    """Refuse a global that is no setting when its name looks like a setting's misspelt."""
     if value is _FUNCTION:
-        return "unknown key (a global function: make helpers local)"
-    known = [*KEYS, *ALIASES, *SESSION_KEYS, *IGNORED_KEYS]
-    close = difflib.get_close_matches(str(name), known, n=1)
+        return  # no setting takes a function: a global function is the file's own helper
+    close = difflib.get_close_matches(str(name).lower(), _KNOWN_BY_LOWER, n=1,
+                                      cutoff=TYPO_CUTOFF)
     if close:
-        return f"unknown key (did you mean {close[0]}?)"
-    return "unknown key (make variables the file uses for itself local)"
+        raise ConfigError(path, str(name),
+                          f"unknown key (did you mean {_KNOWN_BY_LOWER[close[0]]}?)")
+
+
+def _notices(where: str, ignored: list, not_settings: list) -> list:
+    """The lines a config's load logs: (level, message)."""
+    notices = []
+    if not_settings:
+        notices.append((logging.WARNING,
+                        f"config {where}: ignoring globals that are not luafcgid settings: "
+                        f"{', '.join(not_settings)} (make them local to silence this)"))
+    if ignored:
+        notices.append((logging.INFO, f"config {where}: {', '.join(ignored)} have no effect "
+                                      "in luafcgid and are ignored"))
+    return notices
 
 
 def _derive(settings: dict, given: dict, path: str) -> None:
@@ -763,7 +854,11 @@ def _run(source: bytes, path: str) -> dict:
         if raw_name in standard:
             continue
         name = raw_name.decode("utf-8", "replace") if isinstance(raw_name, bytes) else raw_name
-        values[name] = _plain(value, path, str(name), 0)
+        if name in KNOWN_NAMES:
+            values[name] = _plain(value, path, str(name), 0)
+        else:  # no setting: whatever it holds (userdata, a table of functions) is the file's
+            kind = lupa.lua54.lua_type(value)
+            values[name] = _FUNCTION if kind == "function" else _NOT_A_SETTING
     return values
 
 

@@ -22,7 +22,7 @@ import os
 import string
 import sys
 import time
-from typing import Mapping, Optional
+from typing import Iterable, List, Mapping, Optional, Tuple
 
 LOGGER_NAME = "luafcgid"
 LINE_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(message)s"
@@ -39,9 +39,14 @@ LEVELS = {
 log = logging.getLogger(LOGGER_NAME)
 log.propagate = False
 
+# Lines about the config file that wait for setup(): `start` reads the config before it
+# knows where the log goes, and a line logged then would reach nobody.
+_pending: List[Tuple[int, str]] = []
+
 
 def setup(logfile: Optional[str] = None, level: str = "info") -> None:
     """Send the luafcgid log to ``logfile`` (stderr when None) at ``level``."""
+    global _pending
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
@@ -52,6 +57,24 @@ def setup(logfile: Optional[str] = None, level: str = "info") -> None:
     handler.setFormatter(logging.Formatter(LINE_FORMAT))
     log.addHandler(handler)
     log.setLevel(LEVELS.get(level.lower(), logging.INFO))
+    pending, _pending = _pending, []
+    for line_level, message in pending:
+        log.log(line_level, message)
+
+
+def config_notices(notices: Iterable[Tuple[int, str]]) -> None:
+    """Log ``(level, message)`` lines about the config just read: now when the log is set
+    up (a reload in the master), else at the next :func:`setup` (``start``). Only the last
+    config's lines wait: a command that reads the config and never sets up the log
+    (``stop``, ``status``) leaves nothing behind for a later one."""
+    global _pending
+    notices = list(notices)
+    if log.handlers:
+        _pending = []
+        for level, message in notices:
+            log.log(level, message)
+    else:
+        _pending = notices
 
 
 def reopen() -> None:

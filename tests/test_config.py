@@ -9,6 +9,7 @@ import os
 import pwd
 from pathlib import Path
 
+import lupa.lua54
 import pytest
 
 from luafcgid import config
@@ -292,6 +293,72 @@ def test_a_key_and_its_alias_together_are_refused(tmp_path):
 # --- what the file may do --------------------------------------------------------------------
 
 
+def test_numbers_as_strings_where_luafcgid_read_them_with_lua_isnumber(tmp_path):
+    """luafcgid read its numeric settings with lua_isnumber (main.c:31-40, config.c:59-78):
+    a string Lua reads as a number counts; anything else keeps the usual refusal."""
+    source = ('workers = "4"\nstates = " 8 "\nclones = "0x8"\nsweep = "1e3"\n'
+              'maxpost = "+1024"\nbacklog = "\\t64\\n"\nretries = "2.0"\nwatchdog = "60"\n')
+    settings = config.load(write(tmp_path, source))
+    assert (settings.workers, settings.states, settings.clones, settings.sweep) == (4, 8, 8,
+                                                                                   1000)
+    assert (settings.maxpost, settings.backlog, settings.retries) == (1024, 64, 2)
+    assert isinstance(settings.workers, int) and isinstance(settings.retries, int)
+    for source, reason in [('workers = "4x"', "expected an integer, got a string ('4x')"),
+                           ('workers = ""', "expected an integer, got a string ('')"),
+                           ('workers = "2.5"', "expected an integer, got a number (2.5)"),
+                           ('workers = "0"', "must be >= 1, got 0"),
+                           ('workers = "inf"', "expected an integer, got a string ('inf')")]:
+        error = refused(write(tmp_path, source + "\n"))
+        assert (error.key, error.reason) == ("workers", reason), source
+
+
+@pytest.mark.parametrize("text, number", [
+    ("4", 4), (" 4 ", 4), ("\t\n4\v\f\r", 4), ("-4", -4), ("+4", 4), ("0x1F", 31),
+    ("-0X10", -16), ("1e3", 1000.0), (".5", 0.5), ("5.", 5.0), ("0x1p4", 16.0),
+    ("0x.8", 0.5), ("4x", None), ("", None), ("inf", None), ("nan", None), ("1_000", None),
+    ("0x", None), ("e3", None), ("4 4", None), ("--4", None),
+])
+def test_lua_number_reads_what_lua_reads(text, number):
+    assert config.lua_number(text) == number
+    if number is not None:
+        assert type(config.lua_number(text)) is type(number)
+    # the reference: Lua itself
+    lua = lupa.lua54.LuaRuntime()
+    assert lua.eval("tonumber")(text) == number
+
+
+EXTRA_GLOBALS = """
+workers = 2
+base = "/srv"
+helpers = {f = function() end, out = io.stdout, bad = "\\xff"}
+function housekeeping() end
+lf = nil
+"""
+
+
+def test_other_globals_are_ignored_with_one_warning(tmp_path, log_lines):
+    """The originals read the globals they knew and ignored the others (config.c:57-78,
+    settings.cpp:153-184); luafcgid's manual lets a config define callbacks. What such a
+    global holds (a function, userdata, bytes) is not even looked at."""
+    path = write(tmp_path, EXTRA_GLOBALS)
+    settings = config.load(path)
+    assert settings.workers == 2
+    assert settings.lookup("base") is None
+    assert log_lines == [f"config {path}: ignoring globals that are not luafcgid settings: "
+                         "base, helpers, housekeeping() (make them local to silence "
+                         "this)"]
+
+
+@pytest.mark.parametrize("name", ["base", "app", "db", "DEBUG", "helpers", "docroot",
+                                  "site_name", "path", "log", "secret", "threads", "timezone",
+                                  "locale", "root_dir", "listen_on", "states_count"])
+def test_names_an_original_config_may_use_are_not_typos(tmp_path, name):
+    settings = config.load(write(tmp_path, f'{name} = "x"\n'))
+    empty = config.load(write(tmp_path, "", name="empty.lua"))
+    assert dataclasses.replace(settings, path="") == dataclasses.replace(empty, path="")
+
+
+
 def test_locals_are_not_settings_and_lua_arithmetic_works(tmp_path):
     source = "local per_core = 2\nworkers = 8 / 2\nstates = workers * per_core\n"
     settings = config.load(write(tmp_path, source))
@@ -432,7 +499,8 @@ def test_lua_setting(tmp_path, name):
 
 BAD_VALUES = [
     # (source, key named, words of the reason)
-    ('workers = "4"', "workers", "expected an integer"),
+    ('workers = "4x"', "workers", "expected an integer, got a string ('4x')"),
+    ('WorkerThreads = "4"', "WorkerThreads", "expected an integer"),
     ("workers = 2.5", "workers", "expected an integer"),
     ("workers = true", "workers", "expected an integer"),
     ("workers = 0", "workers", "must be >= 1"),
@@ -482,8 +550,9 @@ BAD_VALUES = [
     ("UseFileChecksum = 1", "UseFileChecksum", "expected a boolean"),
     ('SessionCookieSameSite = "Sometimes"', "SessionCookieSameSite", "expected one of"),
     ("wrkers = 4", "wrkers", "unknown key (did you mean workers?)"),
-    ("site_name = 'x'", "site_name", "unknown key"),
-    ("function helper() end", "helper", "make helpers local"),
+    ("Workers = 4", "Workers", "unknown key (did you mean workers?)"),
+    ("max_post = 4", "max_post", "unknown key (did you mean maxpost?)"),
+    ("config = {}", "config", "unknown key (did you mean Config?)"),
 ]
 
 
@@ -531,5 +600,5 @@ def test_error_text_without_a_file():
     with pytest.raises(ConfigError) as caught:
         config.from_mapping({"workers": "four"})
     assert str(caught.value) == "workers: expected an integer, got a string ('four')"
-    with pytest.raises(ConfigError, match="unknown key"):
-        config.from_mapping({"nonsense": 1})
+    with pytest.raises(ConfigError, match="did you mean workers"):
+        config.from_mapping({"wrkers": 1})

@@ -1,12 +1,18 @@
 --[[
 require("luafcgid"): the helper module of the original luafcgid, for every Lua version
-(5.1, 5.3, 5.4, LuaJIT), with the batteries a web script needs.
+(5.1, 5.3, 5.4, LuaJIT), with the batteries a web script needs. luafcgid2 put the same
+helpers in the global `lf`; every state gets it (prelude.lua).
 
-  urlencode(s)        application/x-www-form-urlencoded encoding (space → "+")
-  urldecode(s)        its inverse ("+" → space, %XX → byte; a bad escape stays as it is)
-  parse(s)            "a=1&b=2&b=3&c" → {a = "1", b = {"2", "3"}, c = ""}
+  urlencode(s)        as the original: every byte but letters, digits and space as %XX,
+                      then space → "+"; nil and "" come back as they are
+  urldecode(s)        its inverse ("+" → space, %XX → byte; a bad escape stays as it is);
+                      nil comes back as nil
+  parse(s)            "a=1&b=2&b=3&c" → {a = "1", b = {"2", "3"}, c = ""}; as the
+                      original, a value ends at the next "=" ("a=1=2" → a = "1")
+  parse_pair(s)       luafcgid2's lf.parse_pair: "a=b" → "a", "b"
   parse_query(s)      the same function as parse
-  serialize(v)        a string s such that load("return " .. s)() gives v back
+  serialize(v)        a string s such that load("return " .. s)() gives v back; as the
+                      original, a value with no literal (nil, a function) gives ""
   parse_multipart(body, content_type)
                       multipart/form-data → {name = part or {part, ...}}, a part being
                       {name =, filename =, content_type =, data =}
@@ -48,8 +54,13 @@ local function percent(c)
     return format("%%%02X", byte(c))
 end
 
+-- As the original (luafcgid.lua, luafcgid2's lf.urlencode): "-", "_", ".", "~" and "*" are
+-- escaped too, which every decoder reads back the same; nil and "" pass through.
 function M.urlencode(s)
-    s = as_string(s, "urlencode"):gsub("[^%w%*%-%._ ]", percent):gsub(" ", "+")
+    if s == nil or s == "" then
+        return s
+    end
+    s = as_string(s, "urlencode"):gsub("[^%w ]", percent):gsub(" ", "+")
     return s
 end
 
@@ -58,18 +69,33 @@ local function unpercent(hex)
 end
 
 function M.urldecode(s)
+    if s == nil then
+        return nil
+    end
     s = as_string(s, "urldecode"):gsub("%+", " "):gsub("%%(%x%x)", unpercent)
     return s
 end
 
--- Repeated names collect their values in an array, in order.
+-- luafcgid2's lf.parse_pair: the name and the value of one "name=value" (each decoded).
+-- As the original's pattern, the value ends at the next "=", and a pair without "=" has
+-- no name: "a=1=2" → "a", "1"; "c" → nil, "".
+function M.parse_pair(s)
+    if s == nil or s == "" then
+        return nil, nil
+    end
+    local name, value = as_string(s, "parse_pair"):match("^([^=]*)=([^=]*)")
+    return M.urldecode(name), M.urldecode(value or "")
+end
+
+-- Repeated names collect their values in an array, in order. A pair without "=" is a
+-- name with the value "" (the original raised "table index is nil" there).
 function M.parse(s)
     local fields = {}
     if s == nil then
         return fields
     end
     for pair in as_string(s, "parse"):gmatch("[^&]+") do
-        local name, value = pair:match("^([^=]*)=(.*)$")
+        local name, value = pair:match("^([^=]*)=([^=]*)")
         if not name then
             name, value = pair, ""
         end
@@ -107,6 +133,9 @@ end
 
 local serialize
 
+-- A value with no literal (a function, a coroutine, userdata, nil) is nil in the array
+-- part, which keeps the positions of the others, and its pair is left out elsewhere (the
+-- original wrote "k = " there, which reads back as a syntax error).
 local function table_literal(t, open)
     if open[t] then
         error("serialize: the table contains itself", 0)
@@ -114,12 +143,15 @@ local function table_literal(t, open)
     open[t] = true
     local parts, count = {}, #t
     for i = 1, count do
-        parts[i] = serialize(t[i], open)
+        parts[i] = serialize(t[i], open) or "nil"
     end
     local keyed = {}
     for key, value in pairs(t) do
         if not (type(key) == "number" and key >= 1 and key <= count and key % 1 == 0) then
-            keyed[#keyed + 1] = "[" .. serialize(key, open) .. "]=" .. serialize(value, open)
+            local key_literal, value_literal = serialize(key, open), serialize(value, open)
+            if key_literal and value_literal then
+                keyed[#keyed + 1] = "[" .. key_literal .. "]=" .. value_literal
+            end
         end
     end
     sort(keyed)  -- the same table gives the same string
@@ -130,22 +162,23 @@ local function table_literal(t, open)
     return "{" .. concat(parts, ",") .. "}"
 end
 
+-- The literal of a value, or nil when it has none.
 function serialize(value, open)
     local kind = type(value)
     if kind == "string" then
         return format("%q", value)
     elseif kind == "number" then
         return number_literal(value)
-    elseif kind == "boolean" or kind == "nil" then
+    elseif kind == "boolean" then
         return tostring(value)
     elseif kind == "table" then
         return table_literal(value, open)
     end
-    error("serialize: cannot serialize a " .. kind, 0)
+    return nil
 end
 
 function M.serialize(value)
-    return serialize(value, {})
+    return serialize(value, {}) or ""
 end
 
 -- Errors found deep inside a parser are raised with level 0 and given the caller's

@@ -19,8 +19,10 @@ local options = ...
 
 local G = _G
 local type, tostring, tonumber, error, xpcall, rawset = type, tostring, tonumber, error, xpcall, rawset
+local pairs, next, rawget, setmetatable = pairs, next, rawget, setmetatable
 local concat = table.concat
-local traceback = debug.traceback
+local traceback, getinfo = debug.traceback, debug.getinfo
+local floor = math.floor
 local loadfile = loadfile
 local io_open = io.open
 
@@ -34,6 +36,7 @@ local responses = options.responses
 local config_values = options.config
 local outlet = options.outlet        -- Python: sends output early, returns false once the client is gone
 local log_line = options.log         -- Python: one line to the error log, tagged with the script
+local warn_line = options.warn       -- Python: the same as a warning
 local note_file = options.note       -- Python: stat a Lua file about to be loaded
 local thread_data = options.thread_data  -- Python: script, count, script, count, ...
 local clock = options.clock          -- Python: the wall clock, seconds (float)
@@ -96,12 +99,49 @@ searchers[2] = function(name)
     return chunk, file
 end
 
+-- The helper module, precompiled once per worker (state.py): every state loads it for `lf`.
+local luafcgid_chunk = options.luafcgid_chunk
+local module_source  -- its chunk name: a warning about a late header skips its frames
 package.preload.luafcgid = function(...)
-    local chunk, failure = loadfile(options.luafcgid_module)
-    if not chunk then
-        error(failure, 0)
-    end
+    local chunk = assert((loadstring or load)(luafcgid_chunk))
+    module_source = getinfo(chunk, "S").source
     return chunk(...)
+end
+
+-- Relative file names: luafcgid chdir()ed to the script's directory before each request
+-- (main.c:296-303), so io.open("data.txt"), dofile("inc.lua") and loadfile saw that
+-- directory. One process serves many scripts on many threads and has one working
+-- directory: instead the functions that take a file name join a relative one to the
+-- script's directory here, in Lua (no call into Python per use). Absolute names, file
+-- handles and nil (stdin, the default file) pass through untouched.
+
+local script_dir_prefix = options.dir .. "/"
+
+local function in_script_dir(name)
+    if type(name) == "string" and name ~= "" and name:byte(1) ~= 47 then  -- 47: "/"
+        return script_dir_prefix .. name
+    end
+    return name
+end
+
+-- Each wrapper calls the original through an upvalue of the original's name: Lua's
+-- "bad argument #1 to 'open'" errors take the name from there.
+do
+    local open, lines, input, output = io.open, io.lines, io.input, io.output
+    io.open = function(name, ...) return open(in_script_dir(name), ...) end
+    io.lines = function(name, ...) return lines(in_script_dir(name), ...) end
+    io.input = function(file) return input(in_script_dir(file)) end
+    io.output = function(file) return output(in_script_dir(file)) end
+end
+do
+    local dofile, loadfile = dofile, loadfile
+    G.dofile = function(name) return dofile(in_script_dir(name)) end
+    G.loadfile = function(name, ...) return loadfile(in_script_dir(name), ...) end
+end
+do
+    local remove, rename = os.remove, os.rename
+    os.remove = function(name) return remove(in_script_dir(name)) end
+    os.rename = function(from, to) return rename(in_script_dir(from), in_script_dir(to)) end
 end
 
 -- Per-request response state.
@@ -112,6 +152,9 @@ local status, content_type = default_status, default_content_type
 local head_sent = false                   -- the head went out: the response streams
 local streaming = not buffering           -- con:puts sends at once
 local request_body = nil                  -- nil outside a request
+local body_unread = false                 -- con:gets()/Receive() have not read it yet
+local elapsed_header = options.elapsed_header  -- luafcgid2's X-ElapsedTime on each answer
+local request_started = 0                 -- the wall clock at the request's start
 
 local default_prefix = "Status: " .. default_status .. "\r\nContent-Type: "
     .. default_content_type .. "\r\n" .. default_headers
@@ -136,9 +179,18 @@ end
 -- The head up to the script's headers (no blank line).
 local session_cookie  -- session.lua: the Set-Cookie value this request needs, or nil
 
+-- luafcgid2 sent X-ElapsedTime, the milliseconds the request took so far, between the
+-- content type and the default headers (statepool.cpp:321-339).
+local function elapsed_start()
+    return "Status: " .. status .. "\r\nContent-Type: " .. content_type .. "\r\nX-ElapsedTime: "
+        .. floor((clock() - request_started) * 1000) .. "\r\n" .. default_headers
+end
+
 local function head()
     local start = default_prefix
-    if status ~= default_status or content_type ~= default_content_type then
+    if elapsed_header then
+        start = elapsed_start()
+    elseif status ~= default_status or content_type ~= default_content_type then
         start = "Status: " .. status .. "\r\nContent-Type: " .. content_type .. "\r\n" .. default_headers
     end
     local cookie = session_cookie()
@@ -184,11 +236,48 @@ local function one_line(value, where)
     return value
 end
 
-local function head_not_sent(where)
-    if head_sent then
-        error(where .. ": the head was already sent (the response streams after con:flush(), "
-            .. "or at the first output with buffering off); set it before any output", 3)
+-- A header, status or content type set once the head went out cannot reach the client.
+-- The originals dropped it and the page went on (luafcgid's con:header only appends to a
+-- buffer that was sent once, request.c:49-69); so do we, and warn once per line of the
+-- script in each state, so that a page served a million times logs one line, not a million.
+
+local prelude_source = getinfo(1, "S").source
+local warned_lines, warned_count = {}, 0
+
+-- "line N" of the script code that called into us (not this file, not the module), or
+-- "file:N" in a module the script required.
+local function script_line()
+    local level = 3
+    while true do
+        local info = getinfo(level, "Sl")
+        if not info then
+            return "?"
+        end
+        if info.currentline > 0 and info.source ~= prelude_source
+            and info.source ~= module_source then
+            local file = info.source:match("^@(.*)") or info.short_src
+            if file == script then
+                return "line " .. info.currentline
+            end
+            return file .. ":" .. info.currentline
+        end
+        level = level + 1
     end
+end
+
+-- True when the head was sent: the caller drops what it was setting.
+local function too_late(what)
+    if not head_sent then
+        return false
+    end
+    local line = script_line()
+    if not warned_lines[line] and warned_count < 100 then
+        warned_lines[line], warned_count = true, warned_count + 1
+        warn_line(line .. ": " .. what .. " ignored: the head was already sent (the response "
+            .. "streams after con:flush(), or from the first output with buffering = false); "
+            .. "set headers and the status before that")
+    end
+    return true
 end
 
 local function puts(_, s)
@@ -225,13 +314,18 @@ local function set_status(_, code)
     elseif type(code) ~= "string" then
         error("con:status expects a status code or a status line, got " .. type(code), 2)
     end
-    head_not_sent("con:status")
-    status = one_line(code, "con:status")
+    code = one_line(code, "con:status")
+    if too_late('con:status("' .. code .. '")') then
+        return
+    end
+    status = code
 end
 
 local function set_content_type(value)
     value = one_line(text(value, "RespContentType"), "RespContentType")
-    head_not_sent("RespContentType")
+    if too_late('RespContentType("' .. value .. '")') then
+        return
+    end
     content_type = value
 end
 
@@ -267,9 +361,10 @@ local function header(_, name, value)
     end
     local lower = header_name(name)
     one_line(value, "con:header")
-    head_not_sent("con:header")
     if lower == "status" then
         return set_status(nil, value)
+    elseif too_late('con:header("' .. name .. '")') then
+        return
     elseif lower == "content-type" then
         content_type = value
     else
@@ -278,18 +373,35 @@ local function header(_, name, value)
     end
 end
 
+-- con:reset(), as luafcgid's: the buffered body goes, nothing else (request.c:103-111).
 local function reset()
     clear(body, body_count)
     body_count = 0
-    if not head_sent then
-        clear(headers, header_count)
-        header_count = 0
-        status, content_type = default_status, default_content_type
-    end
 end
 
+-- Reset(), as luafcgid2's: the headers not yet sent and the body go; the status and the
+-- content type stay (lua_fnc.cpp:93-97).
+local function reset_headers_and_body()
+    reset()
+    clear(headers, header_count)
+    header_count = 0
+end
+
+-- con:gets(), as luafcgid's: the body is a stream read once (main.c:84-121): the first call
+-- returns it, nil when there is none, and every later call nil.
 local function gets()
-    return request_body or ""
+    local data = body_unread and request_body or nil
+    body_unread = false
+    if data == "" then
+        return nil
+    end
+    return data
+end
+
+-- Receive(), as luafcgid2's: the rest of the stream, "" when there is none or it was read
+-- (lua_fnc.cpp:104-118). It reads the same stream as con:gets().
+local function receive()
+    return gets() or ""
 end
 
 local function log(_, message)
@@ -352,7 +464,13 @@ local function cookies()
     return cookie_fields
 end
 
-local function set_cookie(con_, name, value, cookie_options)
+-- con:cookie(name, value, options), and the nikkiii fork's positional form
+-- con:cookie(name, value, expires, path, domain), expires in os.time() seconds.
+local function set_cookie(con_, name, value, cookie_options, path, domain)
+    if path ~= nil or domain ~= nil or (cookie_options ~= nil and type(cookie_options) ~= "table") then
+        local expires = cookie_options
+        cookie_options = {expires = tonumber(expires) or expires, path = path, domain = domain}
+    end
     return header(con_, "Set-Cookie", battery("cookie", name, value, cookie_options))
 end
 
@@ -379,19 +497,79 @@ local con = {
     redirect = redirect, json = json, escape = escape,
 }
 
--- The luafcgid2 globals. Env and Cookies are set per request, Info.Thread too.
+-- The luafcgid2 globals. Env, Cookies and LocalConfig are set per request, Info.Thread too.
 
 local info = {State = options.state_number, Worker = options.worker_number, Thread = 0}
 local dir = options.dir
 
+-- luafcgid2's Response table as it was (settings.cpp:19-26): its codes, its phrases (306
+-- "Switch Proxy", 413 "Payload Too Large", 418 "I'm a teapot", ...), nothing more.
+-- con:status(code) takes the phrase from here too, and from Python's table otherwise.
+Response = {
+    [100] = "100 Continue", [101] = "101 Switching Protocols", [102] = "102 Processing",
+    [103] = "103 Early Hints",
+    [200] = "200 OK", [201] = "201 Created", [202] = "202 Accepted",
+    [203] = "203 Non-Authoritative Information", [204] = "204 No Content",
+    [205] = "205 Reset Content", [206] = "206 Partial Content", [207] = "207 Multi-Status",
+    [208] = "208 Already Reported", [226] = "226 IM Used",
+    [300] = "300 Multiple Choices", [301] = "301 Moved Permanently", [302] = "302 Found",
+    [303] = "303 See Other", [304] = "304 Not Modified", [305] = "305 Use Proxy",
+    [306] = "306 Switch Proxy", [307] = "307 Temporary Redirect",
+    [308] = "308 Permanent Redirect",
+    [400] = "400 Bad Request", [401] = "401 Unauthorized", [402] = "402 Payment Required",
+    [403] = "403 Forbidden", [404] = "404 Not Found", [405] = "405 Method Not Allowed",
+    [406] = "406 Not Acceptable", [407] = "407 Proxy Authentication Required",
+    [408] = "408 Request Timeout", [409] = "409 Conflict", [410] = "410 Gone",
+    [411] = "411 Length Required", [412] = "412 Precondition Failed",
+    [413] = "413 Payload Too Large", [414] = "414 URI Too Long",
+    [415] = "415 Unsupported Media Type", [416] = "416 Range Not Satisfiable",
+    [417] = "417 Expectation Failed", [418] = "418 I'm a teapot",
+    [421] = "421 Misdirected Request", [422] = "422 Unprocessable Entity",
+    [423] = "423 Locked", [424] = "424 Failed Dependency", [426] = "426 Upgrade Required",
+    [428] = "428 Precondition Required", [429] = "429 Too Many Requests",
+    [431] = "431 Request Header Fields Too Large",
+    [451] = "451 Unavailable For Legal Reasons",
+    [500] = "500 Internal Server Error", [501] = "501 Not Implemented",
+    [502] = "502 Bad Gateway", [503] = "503 Service Unavailable",
+    [504] = "504 Gateway Timeout", [505] = "505 HTTP Version Not Supported",
+    [506] = "506 Variant Also Negotiates", [507] = "507 Insufficient Storage",
+    [508] = "508 Loop Detected", [510] = "510 Not Extended",
+    [511] = "511 Network Authentication Required",
+}
+for code, line in pairs(Response) do
+    responses[code] = line
+end
+
 Env, Cookies, Info = {}, {}, info
 Config = options.script_config
-Response = responses
+local configs_by_host = Config  -- LocalConfig = Config[SERVER_NAME] (settings.cpp:139-150)
+LUAFCGID, LUAFCGID_VERSION = true, 2  -- luafcgid2's (settings.cpp:10-11)
+-- lf: luafcgid2's helpers (settings.cpp:12-17), our module's functions. Filled at its first
+-- read: loading the module costs ~0.1 ms, a third of a new state, and most scripts never
+-- touch lf. Until then it is a table whose first read, or pairs() (Lua 5.2+), fills it.
+local function fill_lf(lf_table)
+    setmetatable(lf_table, nil)
+    for name, value in pairs(helpers()) do
+        if rawget(lf_table, name) == nil then
+            rawset(lf_table, name, value)
+        end
+    end
+end
+lf = setmetatable({}, {
+    __index = function(lf_table, key)
+        fill_lf(lf_table)
+        return rawget(lf_table, key)
+    end,
+    __pairs = function(lf_table)
+        fill_lf(lf_table)
+        return next, lf_table, nil
+    end,
+})
 function Send(s) return puts(con, s) end
 function Header(name, value) return header(con, name, value) end
-function Reset() return reset() end
+function Reset() return reset_headers_and_body() end
 function Log(s) return log(con, s) end
-function Receive() return gets() end
+function Receive() return receive() end
 function RespStatus(s) return set_status(con, s) end
 function RespContentType(s) return set_content_type(s) end
 function Dir() return dir end
@@ -460,13 +638,11 @@ end
 -- the script (not of this file) so no pcall can swallow it; past `slowlog_timeout` it
 -- hands one traceback, taken here inside the running state, to the slow log.
 
-local sethook, getinfo, os_time, floor, huge = debug.sethook, debug.getinfo, os.time,
-    math.floor, math.huge
+local sethook, os_time, huge = debug.sethook, os.time, math.huge
 local format = string.format
 local timeout = options.timeout
 local slowlog_timeout = options.slowlog_timeout   -- nil: no slow log
 local hook_count = options.hook_count
-local prelude_source = debug.getinfo(1, "S").source
 local started, deadline, slow_at, check_from = 0, huge, huge, huge
 local timed_out, elapsed = false, 0
 local request_uri
@@ -567,11 +743,14 @@ end
 
 local function run(env, request, thread, start)
     arm(start, env.REQUEST_URI)
+    request_started = start
     body_count, header_count = 0, 0
     status, content_type = default_status, default_content_type
     head_sent, streaming = false, not buffering
     local cookie_header = env.HTTP_COOKIE
+    env.LUAFCGID_VERSION = 1  -- luafcgid's env has it (main.c:67-69)
     rawset(G, "Env", env)
+    rawset(G, "LocalConfig", configs_by_host[env.SERVER_NAME])
     local cookies = cookie_header and parse_cookies(cookie_header) or {}
     rawset(G, "Cookies", cookies)
     session_begin(env, cookies)
@@ -584,18 +763,18 @@ local function run(env, request, thread, start)
         return false, "no handler: the global '" .. handler_name .. "' is " .. type(found)
             .. ", not a function", ""
     end
-    request_body, handler, handler_env = request, found, env
+    request_body, body_unread, handler, handler_env = request, true, found, env
     watch()
     local ok, message = xpcall(call_handler, on_error)
     sethook()
     disarm()
     request_body, handler, handler_env = nil, nil, nil
     if timed_out then
-        reset()
+        reset_headers_and_body()
         return timeout_failure()
     end
     if not ok then
-        reset()
+        reset_headers_and_body()
         return failure(message)
     end
     local data = take_body()

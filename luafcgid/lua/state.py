@@ -134,6 +134,10 @@ def _script_log(script: str, line: bytes) -> None:
     log.info("%s: %s", script, text)
 
 
+def _script_warning(script: str, line: bytes) -> None:
+    log.warning("%s: %s", script, line.decode("utf-8", "replace"))
+
+
 class Blueprint:
     """What every state of one worker has in common, converted for Lua once.
 
@@ -161,6 +165,7 @@ class Blueprint:
             "worker_number": worker_number,
             "timeout": settings.timeout,
             "hook_count": HOOK_COUNT,
+            "elapsed_header": settings.elapsed_time_header,
         })
         if settings.slowlog_timeout:
             self.options[b"slowlog_timeout"] = settings.slowlog_timeout
@@ -171,7 +176,8 @@ class Blueprint:
                 f"no C modules in this process: only a worker process links them "
                 f"(lua = {settings.lua!r}, this process exports "
                 f"{lua_runtime.global_runtime() or 'no'} Lua C API)").encode()
-        self.options[b"luafcgid_module"] = os.fsencode(LUAFCGID_MODULE_PATH)
+        # Every state loads it (the luafcgid2 global `lf`): bytecode, compiled once here.
+        self.options[b"luafcgid_chunk"] = self._compiled(LUAFCGID_MODULE_PATH)
         if settings.startup:
             self.options[b"startup"] = os.fsencode(settings.startup)
         self.options[b"session"] = self._session_options(settings.session)
@@ -268,6 +274,7 @@ class State:
             b"state_number": number,
             b"outlet": self._outlet,
             b"log": functools.partial(_script_log, script),
+            b"warn": functools.partial(_script_warning, script),
             b"note": functools.partial(_note_file, self.files),
             b"thread_data": thread_data,
             b"clock": time.time,
