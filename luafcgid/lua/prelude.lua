@@ -97,7 +97,8 @@ searchers[2] = function(name)
 end
 
 package.preload.luafcgid = function(...)
-    local chunk, failure = loadfile(options.luafcgid_module)
+    -- Its source, read by the master: a worker never opens the package's files.
+    local chunk, failure = (loadstring or load)(options.luafcgid_source, "=luafcgid.lua")
     if not chunk then
         error(failure, 0)
     end
