@@ -17,7 +17,7 @@ import os
 import stat
 from typing import Callable, Dict, Optional
 
-from luafcgid import status
+from luafcgid import privileges, status
 from luafcgid.config import Settings
 from luafcgid.log import log
 from luafcgid.lua import ScriptError, StateCache
@@ -67,6 +67,10 @@ class Application:
         # This worker's figures now, for the status page; the worker process sets its own
         # (which knows its busy threads) when it starts serving.
         self.live_figures: Callable[[], dict] = self.figures
+        # The running config file is never a script: in a document root, nginx would
+        # hand it over like any .lua file (examples/config.lua sits beside the examples).
+        self.config_file = os.path.realpath(settings.path) if settings.path else None
+        self.user = privileges.user_name()  # for "permission denied for user ..." lines
 
     def handle(self, request: Request, sink: Callable[[bytes], None], thread_number: int) -> bytes:
         """CGI output (head and body) still to send for ``request``.
@@ -122,10 +126,15 @@ class Application:
         real = self.check(filename)
         try:
             mode = os.stat(real).st_mode
+        except PermissionError:
+            raise Refusal(403, f"permission denied for user {self.user}: a directory on the "
+                          "way cannot be entered") from None
         except OSError:
             raise Refusal(404, "script not found") from None
         if not stat.S_ISREG(mode):
             raise Refusal(404, "not a regular file")
+        if not os.access(real, os.R_OK):
+            raise Refusal(403, f"permission denied for user {self.user}: cannot read it")
         # Only scripts that exist: made-up names must not fill the cache.
         self.real_paths[filename] = real
         return real
@@ -147,12 +156,17 @@ class Application:
         root = self.settings.root
         if root and not (real == root or real.startswith(root.rstrip("/") + "/")):
             raise Refusal(403, f"resolves to {real}, outside root {root}")
+        if real == self.config_file:
+            raise Refusal(403, "is the server's config file, never run as a script")
         return real
 
     def script_failed(self, failure: ScriptError, stage: str) -> bytes:
         advice = lua_runtime.advice(failure.message, self.settings.lua)
-        log.error("%s: error %s the script: %s\n%s%s", failure.script, stage, failure.message,
-                  f"{advice}\n" if advice else "", failure.traceback)
+        # One entry: the message, then advice and traceback when there are any (a syntax
+        # error has no traceback: no blank line after it).
+        details = "".join(f"\n{part.rstrip()}" for part in (advice, failure.traceback) if part)
+        log.error("%s: error %s the script: %s%s", failure.script, stage, failure.message,
+                  details)
         if failure.flushed:
             return b""  # the client already has part of the answer: the stream just ends
         detail = failure.message if self.settings.showerrors else ""

@@ -38,6 +38,7 @@ import os
 import select
 import selectors
 import socket
+import sys
 import threading
 import time
 from typing import Optional, Union
@@ -180,6 +181,12 @@ class ThreadWorker(Worker):
         self.stop_deadline: Optional[float] = None
         self.to_watch: collections.deque = collections.deque()  # connections with an outbox
         self.next_tick = 0.0
+        # thread number → (start, request) of the request it runs: the oldest one is named
+        # in the heartbeat report, for the master's log if it has to kill this worker.
+        self.running: dict[int, tuple[float, protocol.Request]] = {}
+        # maxpost = 0 means no limit, as nginx's client_max_body_size 0 and PHP's
+        # post_max_size = 0 do.
+        self.maxpost = self.settings.maxpost or sys.maxsize
         self.access_log: Optional[AccessLog] = None
         if self.settings.access_log:
             self.access_log = open_access_log(self.settings.access_log,
@@ -355,8 +362,7 @@ class ThreadWorker(Worker):
     def adopt(self, sock: socket.SocketType) -> None:
         """Take a new connection and read it at once: the web server writes its request
         right after connecting. Only one that is to carry more input is registered."""
-        parser = protocol.Connection(MAX_CONNECTIONS, self.settings.workers,
-                                     self.settings.maxpost)
+        parser = protocol.Connection(MAX_CONNECTIONS, self.settings.workers, self.maxpost)
         connection = Connection(sock, parser, self.lock, self.settings.timeout)
         self.connections[connection.fd] = connection
         self.read(connection)
@@ -558,6 +564,7 @@ class ThreadWorker(Worker):
             connection.streamed = 0
             started = time.perf_counter()
         output = b""
+        self.running[thread_number] = (time.monotonic(), request)
         try:
             try:
                 output = self.app.handle(request, sink, thread_number)
@@ -568,6 +575,7 @@ class ThreadWorker(Worker):
                 output = error_page(500, self.settings.headers)
             self.finish(connection, protocol.response_records(request_id, output))
         finally:
+            del self.running[thread_number]
             if access_log is not None:  # the line is written for a lost client too
                 log_access(access_log, request, connection, output,
                            time.perf_counter() - started)
@@ -588,6 +596,10 @@ class ThreadWorker(Worker):
         """Threads running a request now (``busy`` also counts requests waiting to run)."""
         with self.lock:
             return self.busy - len(self.ready)
+
+    def oldest_request(self) -> Optional[protocol.Request]:
+        running = list(self.running.values())  # a copy: threads change it meanwhile
+        return min(running, key=lambda entry: entry[0])[1] if running else None
 
 
 def log_access(access_log: AccessLog, request: protocol.Request, connection: Connection,
