@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import psutil
@@ -347,3 +348,28 @@ def test_another_user_is_told_to_run_stop_and_reload_as_root():
             setup.run("stop")
     finally:
         shutil.rmtree(base)
+
+
+def test_stop_after_its_timeout_kills_the_processes_scripts_started(setup, tmp_path):
+    child_pid = tmp_path / "child.pid"
+    stuck = setup.script.with_name("stuck.lua")
+    stuck.write_text(f"function main(env, con) os.execute([[sh -c 'echo $$ > {child_pid}; "
+                     "exec sleep 60']]) end")
+    assert setup.run("start").returncode == 0
+    request = threading.Thread(target=lambda: fcgi_call_quietly(
+        str(setup.socket), {"SCRIPT_FILENAME": str(stuck), "REQUEST_METHOD": "GET"}),
+        daemon=True)
+    request.start()
+    sleeper = int(wait_until(lambda: child_pid.exists() and child_pid.read_text().strip(),
+                             what="the script's child process"))
+    stopped = setup.run("stop", "--timeout", "1")
+    assert stopped.returncode == 0 and "killing it" in stopped.stderr
+    wait_until(lambda: not psutil.pid_exists(sleeper) or gone(psutil.Process(sleeper)),
+               timeout=5, what="the script's child process to be killed")
+
+
+def fcgi_call_quietly(address: str, params: dict) -> None:
+    try:
+        fcgi_call(address, params)
+    except OSError:
+        pass  # the server is killed under it

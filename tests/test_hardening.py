@@ -189,6 +189,18 @@ def test_a_20_mib_body_is_a_413_without_the_worker_growing(site: Site) -> None:
     assert "request body over maxpost" in site.server.output()
 
 
+def test_maxpost_0_means_no_limit(tmp_path: Path) -> None:
+    """As nginx's client_max_body_size 0 and PHP's post_max_size = 0: no limit at all."""
+    if not Path(NGINX).exists():
+        pytest.skip("nginx is not installed")
+    with Site(tmp_path, {"echo.lua": ECHO}, maxpost=0) as site:
+        big = 3 << 20  # over the default maxpost (1 MiB)
+        response = site.get("/echo.lua", method="POST", body=b"x" * big, timeout=30)
+        assert (response.status, response.body) == (200, str(big).encode())
+        assert site.get("/echo.lua", method="POST", body=b"").body == b"0"
+    assert "request body over maxpost" not in site.server.output()
+
+
 def peak_rss(pid: int) -> int:
     """The process's largest RSS so far (VmHWM), bytes: a body held even for a moment shows."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
