@@ -220,13 +220,28 @@ def test_quick_start_as_root_from_a_checkout_only_root_can_read(install):
     assert log.count("workers run as root") == 1, log
 
 
+# What else a worker does rarely, so that a lazy import on those paths shows too.
+TROUBLE = {
+    "slow.lua": "function main(env, con) local t = os.clock() "
+                "while os.clock() - t < 0.3 do end con:puts('slow') end",
+    "loop.lua": "function main(env, con) while true do end end",
+    "error.lua": "function main(env, con) error('on purpose') end",
+    "module.lua": "local m = require 'no.such.module' function main(env, con) end",
+    "json.lua": "function main(env, con) con:json({ok = true}) end",
+}
+
+
 def test_workers_as_nobody_never_read_the_installed_package(install, public_examples):
     """The package and Python live where nobody cannot read; the scripts where it can."""
     www = public_examples
+    for name, source in TROUBLE.items():
+        (www / name).write_text(source)
     listen = f"127.0.0.1:{free_port()}"
     audit = www.parent / "audit.log"
     config = example_config(www / "config.lua", www.parent / "config.lua", user='"nobody"',
-                            listen=f'"{listen}"', pidfile=f'"{www.parent}/luafcgid.pid"')
+                            listen=f'"{listen}"', pidfile=f'"{www.parent}/luafcgid.pid"',
+                            timeout="1", slowlog_timeout="0.1", status_path='"/status"',
+                            access_log=f'"{www.parent}/access.log"')
     server = Running(install, config, listen, cwd=www.parent, audit=audit)
     try:
         assert get(listen, www / "hello.lua").endswith(b"Hello, world!\n")
@@ -236,10 +251,18 @@ def test_workers_as_nobody_never_read_the_installed_package(install, public_exam
         assert b"Method: GET" in get(listen, www / "legacy.lua")
         sign_in_and_visit(listen, www, "Ada")
         assert b"Status: 404" in get(listen, www / "missing.lua")
+        assert get(listen, www / "slow.lua").endswith(b"slow")
+        assert get(listen, www / "json.lua").endswith(b'{"ok":true}')
+        for name in ("loop.lua", "error.lua", "module.lua"):
+            assert get(listen, www / name).startswith(b"Status: 500")
+        for form in ("", "json", "openmetrics"):
+            status = fcgi_call(listen, {"SCRIPT_NAME": "/status", "QUERY_STRING": form})
+            assert status.startswith(b"Status: 200"), status
     finally:
         assert server.stop() == 0, server.output()
     log = server.output()
     assert "Traceback" not in log and "Permission denied" not in log, log
+    assert "slow request: script" in log and "on purpose" in log
     assert audit.exists() and audit.read_text() == "", audit.read_text()
 
 
