@@ -380,8 +380,12 @@ class Arbiter:
         self.reload_finished("failed", f"the new workers could not boot: {cause}")
 
     def reload_finished(self, state: str, reason: str) -> None:
-        assert self.reload_status is not None
-        self.reload_status.update(state=state, reason=reason, finished=time.time())
+        """Record the outcome of the last HUP (a refused HUP that came while an earlier
+        one was pending keeps its own "failed" record)."""
+        record = self.reload_status
+        if record is None or record["state"] != "pending":
+            return
+        record.update(state=state, reason=reason, finished=time.time())
         self.status_dirty = True
 
     def open_slow_log(self) -> None:

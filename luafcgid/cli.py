@@ -172,7 +172,8 @@ def status(config_path: str, pidfile_path: Optional[str]) -> None:
 @click.option("--connect", "address", metavar="ADDR",
               help="host:port, [v6]:port or a unix socket path, instead of the config's listen.")
 @click.option("--root", type=click.Path(file_okay=False),
-              help="Document root for a /path target, instead of the config's root.")
+              help="Document root for a /path target  [default: the config's root, else "
+                   "the current directory]")
 @click.option("-X", "--request", "method", default=None, metavar="METHOD",
               help="Request method  [default: GET, POST with -d]")
 @click.option("-d", "--data", metavar="BODY",
