@@ -329,7 +329,8 @@ class Arbiter:
         if self.before_reload is None:  # a second HUP while one is pending keeps the first
             self.before_reload = Running(self.settings, self.owner, self.listener,
                                          self.processes, self.generation)
-        warn_if_root_workers(owner)
+        if owner != self.owner:  # said once at start; again only when it changes
+            warn_if_root_workers(owner)
         if listener is not self.listener:
             self.old_listeners.append(self.listener)
             self.listener = listener

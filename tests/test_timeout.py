@@ -255,3 +255,25 @@ def test_a_request_stuck_in_a_c_call_is_killed_with_its_children_and_named(
     assert re.search(rf"\[pid {stuck_worker}\] slow request: script {script}, uri "
                      r"/stuck\.lua\?id=7, running for \d+\.\d+ s in worker 1", entry), entry
     assert "no Lua traceback" in entry
+
+
+def test_a_graceful_stop_leaves_no_process_a_cut_off_request_started(tmp_path: Path) -> None:
+    """TERM while a request waits in os.execute: past graceful_timeout the request is cut
+    off, and its child process goes with it (whichever of the worker or the master ends
+    it), not left running after the server is gone."""
+    child_pid = tmp_path / "child.pid"
+    scripts = {"stuck.lua": f"function main(env, con) os.execute([[sh -c 'echo $$ > "
+                            f"{child_pid}; exec sleep 30']]) end"}
+    site = Site(tmp_path, scripts, graceful_timeout=1, workers=2).start()
+    try:
+        request = threading.Thread(target=lambda: site.get("/stuck.lua", method="POST",
+                                                           body=b"", timeout=30), daemon=True)
+        request.start()
+        sleeper = int(wait_until(lambda: child_pid.exists() and child_pid.read_text().strip(),
+                                 what="the script's child process"))
+        assert site.server.stop() == 0  # first: nginx would wait for the request
+    finally:
+        site.stop()
+    wait_until(lambda: not psutil.pid_exists(sleeper) or
+               psutil.Process(sleeper).status() == psutil.STATUS_ZOMBIE,
+               timeout=5, what="the script's child process to be gone")

@@ -43,6 +43,8 @@ import threading
 import time
 from typing import Optional, Union
 
+import psutil
+
 from luafcgid import protocol
 from luafcgid.log import AccessLog, log, open_access_log
 from luafcgid.response import error_page
@@ -207,6 +209,25 @@ class ThreadWorker(Worker):
             for thread in others:
                 thread.join(0.5 if self.fast_exit else 5)
             self.selector.close()
+            if self.running:
+                self.end_abandoned_children()
+
+    def end_abandoned_children(self) -> None:
+        """Leaving requests still running (past graceful_timeout, or a fast stop): the
+        processes they started (an ``os.execute`` child) must not outlive them."""
+        try:
+            children = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            return
+        if children:
+            log.warning("worker %d: stopping with %d request(s) still running: killing the "
+                        "%d process(es) they started", self.number, len(self.running),
+                        len(children))
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
 
     # -- passing the baton ----------------------------------------------------------------
 
