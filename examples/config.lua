@@ -37,9 +37,12 @@ timeout = 30
 -- Not /run: the examples run without root.
 pidfile = "/tmp/luafcgid-examples.pid"
 
--- Started as root, the workers switch to this account (ignored otherwise). The
--- scripts must be readable by it.
-user = "nobody"
+-- Started as root, the workers switch to this account (ignored otherwise), which
+-- must be able to read the scripts. "root" keeps them root: only for this demo, on
+-- 127.0.0.1, so that it runs from a checkout other users cannot read (say in /root);
+-- the server warns about it at start. A real server gives its workers an account of
+-- their own (php-fpm's www-data): see init/config.lua.
+user = "root"
 
 -- Sessions (session.lua): a SQLite file in luafcgid-sessions/ beside the pidfile,
 -- shared by the worker processes. For several hosts: "redis://127.0.0.1:6379/0".

@@ -12,20 +12,26 @@
 ### END INIT INFO
 
 # Install as /etc/init.d/luafcgid. Settings can be overridden in /etc/default/luafcgid:
-#   LUAFCGID         the luafcgid command
+#   LUAFCGID         the luafcgid command (found first in /opt/luafcgid/bin, the venv of
+#                    the README's install, then in PATH)
 #   LUAFCGID_CONFIG  the config file (pidfile, listen address ... are read from it)
 #   STOP_TIMEOUT     seconds a stop waits for requests to finish before KILL (empty:
 #                    the config's graceful_timeout + 5)
+#   RUNDIR, LOGDIR   directories made (root's, mode 0755) before a start: those of
+#                    init/config.lua's socket, pidfile and logs
 # The luafcgid command itself does the work: it daemonizes, writes the pidfile and returns
-# only once the server accepts requests, and its exit codes are the LSB ones.
+# only once the server accepts requests, and its exit codes are the LSB ones. `reload`
+# waits for the new workers and fails, saying why, when the reload failed.
 
-PATH=/sbin:/bin:/usr/sbin:/usr/bin:/usr/local/sbin:/usr/local/bin
+PATH=/opt/luafcgid/bin:/sbin:/bin:/usr/sbin:/usr/bin:/usr/local/sbin:/usr/local/bin
 NAME=luafcgid
 DESC="FastCGI server for Lua"
 
 LUAFCGID=${LUAFCGID:-luafcgid}
 LUAFCGID_CONFIG=${LUAFCGID_CONFIG:-/etc/luafcgid/config.lua}
 STOP_TIMEOUT=${STOP_TIMEOUT:-}
+RUNDIR=${RUNDIR:-/run/luafcgid}
+LOGDIR=${LOGDIR:-/var/log/luafcgid}
 
 [ -r /etc/default/$NAME ] && . /etc/default/$NAME
 
@@ -56,6 +62,8 @@ do_start() {
         log_progress_msg "already running"
         return 0
     fi
+    # /run is a tmpfs: its directory is gone after a reboot.
+    install -d -m 0755 "$RUNDIR" "$LOGDIR" || return 1
     ctl start >/dev/null
 }
 
@@ -80,7 +88,7 @@ case "$1" in
         ;;
     restart)
         log_daemon_msg "Restarting $DESC" "$NAME"
-        do_stop && ctl start >/dev/null
+        do_stop && do_start
         log_end_msg $?
         ;;
     reload|force-reload)

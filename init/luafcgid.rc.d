@@ -12,6 +12,7 @@
 #   luafcgid_config="/usr/local/etc/luafcgid/config.lua"   # the default
 #   luafcgid_command="/usr/local/bin/luafcgid"             # the default
 #   luafcgid_stop_timeout=""        # seconds before KILL; empty: graceful_timeout + 5
+#   luafcgid_rundir="/var/run/luafcgid"    # made before a start (socket, pidfile)
 #
 # The luafcgid command does the work (it daemonizes, writes the pidfile named in the
 # config and returns once the server accepts), so start, stop, status and reload call it
@@ -29,6 +30,7 @@ load_rc_config $name
 : ${luafcgid_config:="/usr/local/etc/luafcgid/config.lua"}
 : ${luafcgid_command:="/usr/local/bin/luafcgid"}
 : ${luafcgid_stop_timeout:=""}
+: ${luafcgid_rundir:="/var/run/luafcgid"}
 
 command="${luafcgid_command}"
 required_files="${luafcgid_config}"
@@ -46,6 +48,7 @@ luafcgid_start()
 		return 0
 	fi
 	echo "Starting ${name}."
+	install -d -m 0755 "${luafcgid_rundir}" || return 1
 	${command} start -c "${luafcgid_config}" >/dev/null
 }
 

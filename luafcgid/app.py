@@ -30,9 +30,9 @@ from __future__ import annotations
 import itertools
 import os
 import stat
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
-from luafcgid import status
+from luafcgid import privileges, status
 from luafcgid.config import Settings
 from luafcgid.log import log
 from luafcgid.lua import ScriptError, StateCache
@@ -111,6 +111,10 @@ class Application:
         # This worker's figures now, for the status page; the worker process sets its own
         # (which knows its busy threads) when it starts serving.
         self.live_figures: Callable[[], dict] = self.figures
+        # The running config file is never a script: in a document root, nginx would
+        # hand it over like any .lua file (examples/config.lua sits beside the examples).
+        self.config_file = os.path.realpath(settings.path) if settings.path else None
+        self.user = privileges.user_name()  # for "permission denied for user ..." lines
 
     def handle(self, request: Request, sink: Callable[[bytes], None], thread_number: int) -> bytes:
         """CGI output (head and body) still to send for ``request``.
@@ -229,27 +233,38 @@ class Application:
                 return prefix, real
         if name.endswith(self.byte_extensions):
             real = self.check(name)
-            try:
-                mode = os.stat(real).st_mode
-            except OSError:
-                mode = None  # no such file: perhaps a script with a path after it
+            mode = self.mode_of(real)  # None: no such file, perhaps a script with a path after it
             if mode is not None:
                 if not stat.S_ISREG(mode):
                     raise Refusal(404, "not a regular file")
-                self.real_paths[name] = real
-                return name, real
+                return name, self.readable(name, real)
         elif not prefixes:
             raise Refusal(403, f"extension not in extensions {list(self.extensions)}")
         for prefix in prefixes:
-            try:
-                if not stat.S_ISREG(os.stat(prefix).st_mode):
-                    continue
-            except OSError:
+            mode = self.mode_of(prefix)
+            if mode is None or not stat.S_ISREG(mode):
                 continue
             real = self.check(prefix)  # the script found: its checks decide
-            self.real_paths[prefix] = real
-            return prefix, real
+            return prefix, self.readable(prefix, real)
         raise Refusal(404, "script not found")
+
+    def mode_of(self, path: Union[bytes, str]) -> Optional[int]:
+        """A file's mode; None when there is none. A directory on the way the workers' user
+        cannot enter is a 403 that names the user (not a 404 that hides why)."""
+        try:
+            return os.stat(path).st_mode
+        except PermissionError:
+            raise Refusal(403, f"permission denied for user {self.user}: a directory on the "
+                          "way cannot be entered") from None
+        except OSError:
+            return None
+
+    def readable(self, name: bytes, real: str) -> str:
+        """``real`` once the workers' user may read it; it then enters the path cache."""
+        if not os.access(real, os.R_OK):
+            raise Refusal(403, f"permission denied for user {self.user}: cannot read it")
+        self.real_paths[name] = real
+        return real
 
     def script_prefixes(self, name: bytes, params: Dict[bytes, bytes]) -> List[bytes]:
         """The names ``name`` may be a script plus a path after it, longest first: each ends
@@ -285,12 +300,17 @@ class Application:
         root = self.settings.root
         if root and not (real == root or real.startswith(root.rstrip("/") + "/")):
             raise Refusal(403, f"resolves to {real}, outside root {root}")
+        if real == self.config_file:
+            raise Refusal(403, "is the server's config file, never run as a script")
         return real
 
     def script_failed(self, failure: ScriptError, stage: str) -> bytes:
         advice = lua_runtime.advice(failure.message, self.settings.lua)
-        log.error("%s: error %s the script: %s\n%s%s", failure.script, stage, failure.message,
-                  f"{advice}\n" if advice else "", failure.traceback)
+        # One entry: the message, then advice and traceback when there are any (a syntax
+        # error has no traceback: no blank line after it).
+        details = "".join(f"\n{part.rstrip()}" for part in (advice, failure.traceback) if part)
+        log.error("%s: error %s the script: %s%s", failure.script, stage, failure.message,
+                  details)
         if failure.flushed:
             return b""  # the client already has part of the answer: the stream just ends
         detail = failure.message if self.settings.showerrors else ""

@@ -9,7 +9,12 @@ is wanted:
 
 - ``processes`` serving workers of the current config. A dead one is replaced at once;
   workers that die before their first report (boot) are retried with a growing delay, and
-  if none ever boots the master gives up and exits 1.
+  if none ever boots the master gives up and exits 1. A worker that cannot boot reports
+  why (one line, e.g. "user nobody cannot read ...") before it exits; the master logs
+  each cause once and gives it to ``luafcgid start``.
+- A HUP (reload) is done once ``processes`` workers of the new config serve; when they
+  keep failing to boot instead, the master returns to the previous config, whose
+  workers never stopped. The outcome goes into the status file for ``luafcgid reload``.
 - A worker to be replaced (over ``max_memory``, or still on the config before a HUP) keeps
   serving until its replacement has booted; only then is it sent TERM. A worker that
   retires by itself (``max_requests``) is replaced as soon as it says so.
@@ -17,8 +22,11 @@ is wanted:
   heartbeat unanswered for ``timeout + graceful_timeout`` is hung: KILL, and a replacement.
 - A worker whose report shows a request running past ``timeout + max(5, timeout / 2)`` s
   (``overrun_limit``) holds one its Lua watchdog could not stop (a long C call such as
-  ``os.execute``): the last resort, logged as an error, is to replace it like a worker
-  over ``max_memory``. The margin leaves the watchdog, which stops a Lua loop within
+  ``os.execute``): the last resort, logged as an error with the request's script and URI,
+  is KILL for the worker and for every process under it (the ``sh -c`` of ``os.execute``
+  and its children), then a replacement. That request is cut off (the web server answers
+  502), and so are the others that worker was running: a stuck C call cannot be stopped
+  any other way. The margin leaves the watchdog, which stops a Lua loop within
   milliseconds of ``timeout``, every chance first.
 
 A worker "boots" when it answers its first heartbeat: until then it is sent USR2 every
@@ -36,16 +44,18 @@ import select
 import signal
 import socket
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional, Tuple
 
 import psutil
 from setproctitle import setproctitle
 
-from luafcgid import __version__, config, sessions, sock
+from luafcgid import __version__, config, privileges, sessions, sock
 from luafcgid import log as logging_setup
 from luafcgid.config import Settings
 from luafcgid.log import log
+from luafcgid.lua import slowlog
 from luafcgid.pidfile import Pidfile, PidfileError
 from luafcgid.status import remove_status_file, status_path
 from luafcgid.workers.threaded import ThreadWorker
@@ -92,10 +102,23 @@ class WorkerProcess:
     figures: dict = field(default_factory=dict)
     rss: int = 0
     pending: bytes = b""
+    boot_error: str = ""                    # why it could not boot, as it reported it
+    boot_traceback: str = ""
 
     @property
     def stopping(self) -> bool:
         return self.stop_deadline is not None
+
+
+@dataclass
+class Running:
+    """What a HUP replaces, kept until the new workers serve: a failed reload returns to it."""
+
+    settings: Settings
+    owner: Optional[privileges.Owner]
+    listener: socket.socket
+    processes: int
+    generation: int
 
 
 class Arbiter:
@@ -129,18 +152,26 @@ class Arbiter:
         self.master_rss = 0
         self.retired_requests = 0     # requests served by workers that have exited
         self.status_dirty = True
+        self.generations = 0          # generations made so far: each reload makes one
+        self.reloads = 0              # HUPs handled
+        self.reload_status: Optional[dict] = None  # the last reload and how it went
+        self.before_reload: Optional[Running] = None  # set while a reload is pending
+        self.last_boot_error = ""
 
     # -- start ----------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Checks that need no fork, then bind: raises StartError with the reason."""
+        """Checks, then bind: raises StartError with the reason."""
         self.owner = worker_owner(self.config_path, self.settings)
+        check_settings(self.config_path, self.settings, self.owner)
+        warn_if_root_workers(self.owner)
         running = self.pidfile.running()
         if running is not None:
             raise StartError(f"luafcgid is already running (pid {running}, "
                              f"pidfile {self.pidfile.path})")
         self.listener = bind(self.settings)
         self.give_files_to_workers()
+        self.open_slow_log()
 
     def run(self, ready_fd: Optional[int] = None) -> int:
         """Supervise workers until stopped; the exit status (0 or 1)."""
@@ -199,6 +230,7 @@ class Arbiter:
         self.kill_overdue(now)
         self.spawn_missing(now)
         self.stop_replaced()
+        self.check_reload()
         self.close_old_listeners()
 
     def wait(self, now: float) -> None:
@@ -274,14 +306,31 @@ class Arbiter:
                 self.stop_worker(worker, signal.SIGQUIT, FAST_STOP_TIMEOUT)
 
     def reload(self) -> None:
-        """HUP: new settings, new workers; the old ones stop once the new ones serve."""
+        """HUP: new settings, new workers; the old ones stop once the new ones serve.
+
+        The outcome goes into the status file (``luafcgid reload`` waits for it): "done"
+        once ``processes`` new workers serve, "failed" when the config is refused or the
+        new workers keep failing to boot; then the previous config is restored and its
+        workers, which never stopped, go on serving.
+        """
+        self.reloads += 1
+        self.reload_status = {"number": self.reloads, "state": "pending", "reason": "",
+                              "requested": time.time(), "finished": None}
+        self.status_dirty = True
         try:
             settings = config.load(self.config_path)
             owner = worker_owner(self.config_path, settings)
+            check_settings(self.config_path, settings, owner)
             listener = self.listener_for(settings)
         except (config.ConfigError, OSError, StartError, sock.SocketError) as error:
             log.error("reload refused, still running the previous config: %s", error)
+            self.reload_finished("failed", f"config refused: {error}")
             return
+        if self.before_reload is None:  # a second HUP while one is pending keeps the first
+            self.before_reload = Running(self.settings, self.owner, self.listener,
+                                         self.processes, self.generation)
+        if owner != self.owner:  # said once at start; again only when it changes
+            warn_if_root_workers(owner)
         if listener is not self.listener:
             self.old_listeners.append(self.listener)
             self.listener = listener
@@ -290,11 +339,60 @@ class Arbiter:
         self.settings = settings
         self.owner = owner
         self.give_files_to_workers()
+        self.open_slow_log()
         self.processes = settings.processes
-        self.generation += 1
-        self.status_dirty = True
+        self.generations += 1
+        self.generation = self.generations
+        self.boot_failures = 0
+        self.spawn_after = 0.0
         log.info("config %s reloaded: starting %d new worker(s), the old ones stop once "
                  "they serve", self.config_path, self.processes)
+
+    def check_reload(self) -> None:
+        """A pending reload is done once ``processes`` workers of the new config serve."""
+        if self.before_reload is None:
+            return
+        booted = sum(1 for w in self.workers.values() if self.counts(w) and w.booted)
+        if booted >= self.processes:
+            self.before_reload = None
+            log.info("reload done: %d worker(s) serve the new config", booted)
+            self.reload_finished("done", "")
+
+    def reload_failed(self, cause: str) -> None:
+        """The new workers cannot boot: back to the config (and workers) before the HUP."""
+        previous = self.before_reload
+        assert previous is not None
+        self.before_reload = None
+        log.error("reload failed: the new workers could not boot (%s); still serving with "
+                  "the previous config", cause)
+        if self.listener is not previous.listener:
+            if previous.listener in self.old_listeners:
+                self.old_listeners.remove(previous.listener)
+            self.old_listeners.append(self.listener)  # closed once no worker serves on it
+            self.listener = previous.listener
+        self.switch_log(previous.settings)
+        self.move_pidfile(previous.settings.pidfile)
+        self.settings, self.owner = previous.settings, previous.owner
+        self.processes, self.generation = previous.processes, previous.generation
+        self.boot_failures = 0
+        self.spawn_after = 0.0
+        self.give_files_to_workers()
+        self.open_slow_log()
+        self.reload_finished("failed", f"the new workers could not boot: {cause}")
+
+    def reload_finished(self, state: str, reason: str) -> None:
+        """Record the outcome of the last HUP (a refused HUP that came while an earlier
+        one was pending keeps its own "failed" record)."""
+        record = self.reload_status
+        if record is None or record["state"] != "pending":
+            return
+        record.update(state=state, reason=reason, finished=time.time())
+        self.status_dirty = True
+
+    def open_slow_log(self) -> None:
+        """The master writes the slow log's entry for a request it had to kill."""
+        if self.settings.slowlog_timeout:
+            slowlog.open_log(self.settings.slowlog)
 
     def switch_log(self, settings: Settings) -> None:
         old = (self.settings.logfile, self.settings.loglevel)
@@ -355,14 +453,10 @@ class Arbiter:
                             "write or reopen it", path, user, error.strerror)
 
     def prepare_sessions(self) -> None:
-        """Import the session store's modules now (a worker that dropped privileges may
-        not be able to), and make the SQLite file's directory, owned by the workers'
-        user: SQLite creates its -wal and -shm files beside the database."""
+        """Make the SQLite file's directory, owned by the workers' user: SQLite creates its
+        -wal and -shm files beside the database. (check_settings imported the store's
+        modules already.)"""
         store = self.settings.session_store
-        try:
-            sessions.store_class(store)
-        except sessions.StoreError as error:
-            log.warning("%s: scripts using Session will fail", error)
         if not store.startswith("sqlite:"):
             return
         directory = os.path.dirname(store[len("sqlite:"):])
@@ -431,6 +525,7 @@ class Arbiter:
     def become_worker(self, number: int, report_fd: int) -> None:
         """In the forked child: shed the master's state, become a worker, never return."""
         code = 0
+        worker = None
         try:
             signal.set_wakeup_fd(-1)
             for signum in CHILD_IGNORED:
@@ -447,21 +542,17 @@ class Arbiter:
             for listener in self.old_listeners:
                 listener.close()
             os.set_blocking(report_fd, False)
-            self.drop_privileges()
-            self.worker_class(number, self.listener, self.settings, report_fd).run()
-        except BaseException:
-            log.exception("worker %d (pid %d) failed", number, os.getpid())
+            privileges.drop(self.owner)
+            worker = self.worker_class(number, self.listener, self.settings, report_fd)
+            worker.run()
+        except BaseException as error:
             code = 1
+            if worker is not None and worker.booted:
+                log.exception("worker %d (pid %d) failed", number, os.getpid())
+            else:  # the master logs it, once per cause: not one traceback per attempt
+                report_boot_failure(report_fd, error)
         finally:
             os._exit(code)
-
-    def drop_privileges(self) -> None:
-        if self.owner is None:
-            return
-        uid, gid, user = self.owner
-        os.initgroups(user, gid)
-        os.setgid(gid)
-        os.setuid(uid)
 
     # -- workers: life --------------------------------------------------------------------
 
@@ -508,6 +599,10 @@ class Arbiter:
             self.note_report(worker, figures)
 
     def note_report(self, worker: WorkerProcess, figures: dict) -> None:
+        if "boot_error" in figures:  # its last words: it exits next
+            worker.boot_error = str(figures["boot_error"])
+            worker.boot_traceback = str(figures.get("traceback") or "")
+            return
         worker.figures = figures
         worker.unanswered_since = None
         self.status_dirty = True
@@ -516,27 +611,35 @@ class Arbiter:
             worker.rss = rss_of(worker.pid)
             self.ever_booted = True
             self.boot_failures = 0
+            self.last_boot_error = ""
             log.debug("worker %d (pid %d) is serving", worker.number, worker.pid)
             if not self.ready:
                 self.announce_ready()
-        self.check_overrun(worker, figures.get("oldest", 0))
+        self.check_overrun(worker, figures)
         if figures.get("retiring") and not worker.stopping:
             log.info("worker %d (pid %d) retires after %s requests (max_requests): "
                      "starting its replacement", worker.number, worker.pid,
                      figures.get("requests"))
             worker.stop_deadline = time.monotonic() + self.settings.graceful_timeout + STOP_MARGIN
 
-    def check_overrun(self, worker: WorkerProcess, oldest: float) -> None:
-        """Replace a worker holding a request its watchdog could not stop (rare)."""
+    def check_overrun(self, worker: WorkerProcess, figures: dict) -> None:
+        """Kill a worker holding a request its watchdog could not stop (rare), and the
+        processes that request started: the request must not outlive the promise."""
+        oldest = figures.get("oldest") or 0
         limit = overrun_limit(self.settings.timeout)
-        if oldest <= limit or worker.replace or worker.stopping:
+        if oldest <= limit or worker.stopping:
             return
-        log.error("worker %d (pid %d) has a request running for %.1f s, past timeout "
-                  "(%g s) + margin: the Lua watchdog could not stop it (a long C call such "
-                  "as os.execute?); replacing the worker. The slow log (slowlog_timeout) "
-                  "names such scripts", worker.number, worker.pid, oldest,
-                  self.settings.timeout)
-        worker.replace = "stuck in a request past timeout"
+        script = figures.get("oldest_script") or "(unknown script)"
+        uri = figures.get("oldest_uri") or "-"
+        log.error("worker %d (pid %d): a request to %s (uri %s) has run for %.1f s, past "
+                  "timeout (%g s) + margin: the Lua watchdog could not stop it (a long C "
+                  "call such as os.execute?); killing the worker and the processes it "
+                  "started, and starting a replacement", worker.number, worker.pid, script,
+                  uri, oldest, self.settings.timeout)
+        if self.settings.slowlog_timeout:
+            slowlog.record_killed(worker.number, worker.pid, script, uri, oldest)
+        worker.stop_deadline = time.monotonic()
+        self.kill(worker)
 
     def close_reports(self, worker: WorkerProcess) -> None:
         if worker.report_fd >= 0:
@@ -584,7 +687,7 @@ class Arbiter:
             self.kill(worker)
 
     def kill(self, worker: WorkerProcess) -> None:
-        send(worker.pid, signal.SIGKILL)
+        kill_with_descendants(worker.pid)
         worker.killed = True
 
     # -- workers: death -------------------------------------------------------------------
@@ -623,19 +726,34 @@ class Arbiter:
             self.boot_failed(worker, how)
 
     def boot_failed(self, worker: WorkerProcess, how: str) -> None:
+        """A worker died before serving: retry with a growing delay; after
+        MAX_BOOT_FAILURES in a row give up the start, or the reload under way."""
         self.boot_failures += 1
-        if not self.ever_booted and self.boot_failures >= MAX_BOOT_FAILURES:
-            message = (f"workers failed to boot {self.boot_failures} times in a row "
-                       f"(last: {how}); see the errors above. Giving up")
+        cause = worker.boot_error or how
+        given_up = self.boot_failures >= MAX_BOOT_FAILURES and (
+            self.before_reload is not None or not self.ever_booted)
+        delay = min(BACKOFF_FIRST * 2 ** (self.boot_failures - 1), BACKOFF_MAX)
+        then = "" if given_up else f": retrying in {delay:.1f} s"
+        # The cause (and traceback) once; the same one again is one short line.
+        if cause != self.last_boot_error:
+            details = f"\n{worker.boot_traceback.rstrip()}" if worker.boot_traceback else ""
+            log.error("worker %d (pid %d) could not boot (%s): %s%s%s", worker.number,
+                      worker.pid, how, cause, then, details)
+        else:
+            log.error("worker %d (pid %d) could not boot (%s), same cause%s", worker.number,
+                      worker.pid, how, then)
+        self.last_boot_error = cause
+        if not given_up:
+            self.spawn_after = time.monotonic() + delay
+        elif self.before_reload is not None:
+            self.reload_failed(cause)
+        else:
+            message = (f"workers failed to boot {self.boot_failures} times in a row: "
+                       f"{cause}. Giving up")
             log.error("%s", message)
             self.start_failed(message)
             self.exit_code = 1
             self.stop("fast")
-            return
-        delay = min(BACKOFF_FIRST * 2 ** (self.boot_failures - 1), BACKOFF_MAX)
-        self.spawn_after = time.monotonic() + delay
-        log.error("worker %d (pid %d) exited while booting (%s): retrying in %.1f s",
-                  worker.number, worker.pid, how, delay)
 
     def close_old_listeners(self) -> None:
         """A listener left by a HUP is closed once no worker serves on it."""
@@ -674,10 +792,15 @@ class Arbiter:
                     "states": w.figures.get("states"), "slow": w.figures.get("slow"),
                     "state": "stopping" if w.stopping else "serving" if w.booted else "booting"}
                    for w in sorted(self.workers.values(), key=lambda w: (w.number, w.started))]
-        status = {"pid": os.getpid(), "config": self.config_path, "listen": self.settings.listen,
+        settings = self.settings
+        status = {"pid": os.getpid(), "config": self.config_path, "listen": settings.listen,
                   "started": self.started, "updated": time.time(), "rss": self.master_rss,
-                  "sweep": self.settings.sweep, "processes": self.processes,
-                  "retired_requests": self.retired_requests, "workers": workers}
+                  "sweep": settings.sweep, "processes": self.processes,
+                  "retired_requests": self.retired_requests, "workers": workers,
+                  # What the CLI needs when the config file on disk no longer loads.
+                  "threads": settings.workers, "backlog": settings.backlog,
+                  "graceful_timeout": settings.graceful_timeout,
+                  "reload": self.reload_status}
         path = status_path(self.pidfile.path)
         temporary = path + ".tmp"
         try:
@@ -709,6 +832,75 @@ class Arbiter:
 def overrun_limit(timeout: float) -> float:
     """Seconds a request may run before its worker is replaced (see the module docstring)."""
     return timeout + max(OVERRUN_MARGIN, timeout / 2)
+
+
+def check_settings(config_path: str, settings: Settings,
+                   owner: Optional[privileges.Owner]) -> None:
+    """What the config file alone cannot tell: StartError when the workers could not work.
+
+    The session store's modules are imported here, in the master (a worker that dropped
+    privileges may not be able to), so a store whose package is missing is refused now
+    rather than failing every sign-in. Then, when the workers switch to another account,
+    it must reach the document root and the startup script.
+    """
+    try:
+        sessions.store_class(settings.session_store)
+    except sessions.StoreError as error:
+        raise StartError(f"{config_path}: session_store: {error}") from None
+    if owner is None or owner[0] == 0:
+        return
+    for key, path, kind in (("root", settings.root, "directory"),
+                            ("startup", settings.startup, "file")):
+        problem = privileges.unreachable(owner, [(path, kind)]) if path else None
+        if problem:
+            raise StartError(f"{config_path}: {key}: {problem}. Make it readable by "
+                             f"{owner[2]} (and the directories above it enterable), move "
+                             "it, or set user to an account that can read it")
+
+
+def warn_if_root_workers(owner: Optional[privileges.Owner]) -> None:
+    if os.geteuid() == 0 and (owner is None or owner[0] == 0):
+        log.warning("workers run as root (user = \"root\"): a script can do anything root "
+                    "can. Fine for a demo on 127.0.0.1; a real server gives its workers an "
+                    "account of their own (user = \"www-data\")")
+
+
+def report_boot_failure(report_fd: int, error: BaseException) -> None:
+    """In a worker that could not boot: why, in one line (and the traceback when it is not
+    a plain OSError), to the master, which logs it."""
+    cause = describe_boot_error(error)
+    trace = "" if isinstance(error, OSError) else traceback.format_exc()
+    try:
+        os.write(report_fd, json.dumps({"boot_error": cause, "traceback": trace}).encode()
+                 + b"\n")
+    except OSError:
+        log.error("worker (pid %d) could not boot: %s\n%s", os.getpid(), cause, trace)
+
+
+def describe_boot_error(error: BaseException) -> str:
+    """``user nobody cannot read /x/y (Permission denied)`` rather than a traceback."""
+    if isinstance(error, PermissionError) and error.filename:
+        return (f"user {privileges.user_name()} cannot read {error.filename} "
+                f"({error.strerror})")
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.filename}: {error.strerror}"
+    return f"{type(error).__name__}: {error}"
+
+
+def kill_with_descendants(pid: int) -> None:
+    """KILL a worker and every process under it (a script's ``os.execute`` child and its
+    own children), found before the kill: once their parent is gone they are re-parented
+    and could no longer be told from anyone else's."""
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    send(pid, signal.SIGKILL)
+    for process in descendants:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
 
 
 def bind(settings: Settings) -> socket.socket:

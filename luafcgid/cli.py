@@ -1,10 +1,19 @@
 """The ``luafcgid`` command: start, stop, reload, status, request, paths.
 
 Exit codes, as LSB init scripts expect: 0 ok, 1 failure (bad config, already running,
-could not start), 3 not running (``status``). ``stop`` on a stopped server exits 0.
-Every command finds the running master through the ``pidfile`` of its config.
-``status`` shows the figures the master keeps in ``<pidfile>.status`` (JSON, replaced
-atomically whenever a worker reports, starts or exits): they are as of the last heartbeat.
+could not start, a failed reload), 3 not running (``status``). ``stop`` on a stopped
+server exits 0.
+
+``stop``, ``status`` and ``reload`` find the running master through its pidfile:
+``--pidfile``, else the config's ``pidfile``. The config file on disk may have been
+broken since the server started: then they say so, read just its ``pidfile`` setting if
+the file still runs (else take the default), tell which pidfile they use, and go on, so
+a broken file never keeps an operator from stopping the server. What they need of the
+running config (``graceful_timeout``, threads per process) comes from the master's
+``<pidfile>.status`` (JSON, replaced atomically whenever a worker reports, starts or
+exits; ``status`` shows its figures, as of the last heartbeat). ``reload`` sends HUP
+and waits for the master's verdict in that file: the new workers serve, or the reload
+failed (a refused config, new workers that cannot boot) and the previous config runs on.
 ``request`` is a FastCGI client (luafcgid.client): one request, the answer printed, exit 1
 on a 5xx answer or when the server cannot be reached — a health check.
 """
@@ -32,12 +41,17 @@ from luafcgid.status import remove_status_file
 
 DEFAULT_CONFIG = "/etc/luafcgid/config.lua"
 START_TIMEOUT = 60.0    # s a daemonized start waits for the server to serve
+RELOAD_TIMEOUT = 60.0   # s a reload waits for its outcome
+POLL = 0.05             # s between two looks at the status file
 KILL_WAIT = 5.0         # s to wait for processes to vanish after KILL
 EXIT_NOT_RUNNING = 3
 
 config_option = click.option(
     "-c", "--config", "config_path", default=DEFAULT_CONFIG, show_default=True,
     type=click.Path(dir_okay=False), help="The config file (Lua).")
+pidfile_option = click.option(
+    "--pidfile", "pidfile_path", default=None, type=click.Path(dir_okay=False),
+    help="The running server's pidfile  [default: the config's pidfile]")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,7 +88,7 @@ def start(config_path: str, foreground: bool) -> None:
         pid = Pidfile(settings.pidfile).read()
         click.echo(f"luafcgid started (pid {pid}), serving on {settings.listen}")
     elif outcome == "error":
-        fail(detail)
+        fail(f"{detail}; the log: {settings.logfile}" if settings.logfile else detail)
     elif outcome == "timeout":
         fail(f"luafcgid did not serve within {START_TIMEOUT:g} s; {where}")
     else:
@@ -83,19 +97,20 @@ def start(config_path: str, foreground: bool) -> None:
 
 @main.command()
 @config_option
+@pidfile_option
 @click.option("--timeout", type=float, default=None,
               help="Seconds to wait before KILL  [default: graceful_timeout + 5]")
-def stop(config_path: str, timeout: Optional[float]) -> None:
+def stop(config_path: str, pidfile_path: Optional[str], timeout: Optional[float]) -> None:
     """Stop the server gracefully (TERM), KILL it after the timeout."""
-    settings = load_settings(config_path)
-    pidfile = Pidfile(settings.pidfile)
-    pid = pidfile.running()
+    target = locate(config_path, pidfile_path)
+    pidfile = Pidfile(target.pidfile)
+    pid = running_pid(pidfile)
     if pid is None:
         click.echo("luafcgid is not running")
         return
     if timeout is None:
-        timeout = settings.graceful_timeout + 5
-    os.kill(pid, signal.SIGTERM)
+        timeout = target.graceful_timeout() + 5
+    signal_master(pid, signal.SIGTERM)
     if wait_gone(pid, timeout):
         click.echo(f"luafcgid (pid {pid}) stopped")
         return
@@ -104,35 +119,49 @@ def stop(config_path: str, timeout: Optional[float]) -> None:
     if not wait_gone(pid, KILL_WAIT):
         fail(f"luafcgid (pid {pid}) survived KILL")
     pidfile.remove(pid)
-    remove_status_file(settings.pidfile)
+    remove_status_file(target.pidfile)
     click.echo(f"luafcgid (pid {pid}) killed")
 
 
 @main.command()
 @config_option
-def reload(config_path: str) -> None:
-    """Re-read the config and replace the workers gracefully (HUP)."""
-    settings = load_settings(config_path)
-    pid = Pidfile(settings.pidfile).running()
+@pidfile_option
+@click.option("--timeout", type=float, default=RELOAD_TIMEOUT, show_default=True,
+              help="Seconds to wait for the new workers to serve (or to fail).")
+def reload(config_path: str, pidfile_path: Optional[str], timeout: float) -> None:
+    """Re-read the config and replace the workers gracefully (HUP); wait for the outcome
+    (exit 1 when the reload failed: the previous config keeps running)."""
+    target = locate(config_path, pidfile_path)
+    pid = running_pid(Pidfile(target.pidfile))
     if pid is None:
         fail("luafcgid is not running")
-    os.kill(pid, signal.SIGHUP)
-    click.echo(f"luafcgid (pid {pid}): reload requested; the log tells how it went")
+    before = reload_record(target.pidfile, pid).get("number", 0)
+    signal_master(pid, signal.SIGHUP)
+    outcome = wait_for_reload(target.pidfile, pid, before, timeout)
+    if outcome is None:
+        fail(f"reload of luafcgid (pid {pid}): no outcome within {timeout:g} s; "
+             "'luafcgid status' shows how it goes")
+    if outcome.get("state") != "done":
+        fail(f"reload failed: {outcome.get('reason') or 'the server gave no reason'}; "
+             f"luafcgid (pid {pid}) still runs the previous config")
+    click.echo(f"luafcgid (pid {pid}) reloaded: the new workers serve")
 
 
 @main.command()
 @config_option
-def status(config_path: str) -> None:
+@pidfile_option
+def status(config_path: str, pidfile_path: Optional[str]) -> None:
     """Master and workers: pid, RSS, requests served, states loaded, uptime (exit 3: stopped)."""
-    settings = load_settings(config_path)
-    pid = Pidfile(settings.pidfile).running()
+    target = locate(config_path, pidfile_path)
+    pid = running_pid(Pidfile(target.pidfile))
     if pid is None:
         click.echo("luafcgid is not running")
         sys.exit(EXIT_NOT_RUNNING)
-    snapshot = pool_status.read_snapshot(settings)
+    snapshot = pool_status.read_snapshot_at(target.pidfile)
     if not snapshot or snapshot.get("pid") != pid:
         click.echo(f"luafcgid is running (pid {pid}); no figures yet")
         return
+    settings = target.settings or config.defaults()
     click.echo(pool_status.as_text(pool_status.build(settings, snapshot)), nl=False)
 
 
@@ -143,7 +172,8 @@ def status(config_path: str) -> None:
 @click.option("--connect", "address", metavar="ADDR",
               help="host:port, [v6]:port or a unix socket path, instead of the config's listen.")
 @click.option("--root", type=click.Path(file_okay=False),
-              help="Document root for a /path target, instead of the config's root.")
+              help="Document root for a /path target  [default: the config's root, else "
+                   "the current directory]")
 @click.option("-X", "--request", "method", default=None, metavar="METHOD",
               help="Request method  [default: GET, POST with -d]")
 @click.option("-d", "--data", metavar="BODY",
@@ -161,12 +191,16 @@ def request(config_path: Optional[str], address: Optional[str], root: Optional[s
 
     SCRIPT_PATH_OR_URL is a script file (./hello.lua, /srv/www/hello.lua) or, when no
     such file exists, a URL path with an optional query (/hello.lua?name=x, /ping)
-    resolved against the document root.
+    resolved against the document root: --root, the config's root, else the current
+    directory (as php -S takes it).
     """
     if config_path is not None or address is None:
         settings = load_settings(config_path or DEFAULT_CONFIG)
         address = address or settings.listen
         root = root or settings.root
+    guessed_root = root is None and is_url_path(target)
+    if guessed_root:
+        root = os.getcwd()
     body = read_body(data)
     script_name, filename, query = resolve_target(target, root)
     params = client.cgi_params(
@@ -184,6 +218,10 @@ def request(config_path: Optional[str], address: Optional[str], root: Optional[s
         out.write(answer.head.replace(b"\r\n", b"\n") + b"\n\n")
     out.write(answer.body)
     out.flush()
+    if guessed_root and answer.status in (403, 404, 500):
+        click.echo(f"luafcgid: no document root given (--root DIR, or root in the config): "
+                   f"{target.partition('?')[0]} was taken from the current directory {root}",
+                   err=True)
     if answer.status >= 500:
         fail(f"the server answered {answer.status}")
 
@@ -217,6 +255,92 @@ def paths(config_path: str, root: Optional[str], script: Optional[str]) -> None:
             place = entry.split("?")[0] if "?" in entry else entry
             gone = "" if os.path.exists(place) else "   (does not exist)"
             click.echo(f"  {entry}{gone}")
+
+
+# -- finding and signalling the running server -------------------------------------------------
+
+
+class Target:
+    """The running server as the CLI finds it: its pidfile, and its settings when the
+    config file loads (None when it has an error)."""
+
+    def __init__(self, pidfile: str, settings: Optional[Settings]) -> None:
+        self.pidfile = pidfile
+        self.settings = settings
+
+    def graceful_timeout(self) -> float:
+        """The running master's (from its status file), else the config's, else 30."""
+        snapshot = pool_status.read_snapshot_at(self.pidfile) or {}
+        if isinstance(snapshot.get("graceful_timeout"), (int, float)):
+            return float(snapshot["graceful_timeout"])
+        return self.settings.graceful_timeout if self.settings else config.defaults(
+            ).graceful_timeout
+
+
+def locate(config_path: str, pidfile_path: Optional[str]) -> Target:
+    """Where the running server's pidfile is: ``--pidfile``, else the config's; a broken
+    config file is reported and its ``pidfile`` read leniently (config.pidfile_of)."""
+    try:
+        settings: Optional[Settings] = config.load(config_path)
+    except config.ConfigError as error:
+        settings = None
+        problem = str(error)
+    if pidfile_path is not None:
+        return Target(os.path.abspath(pidfile_path), settings)
+    if settings is not None:
+        return Target(settings.pidfile, settings)
+    pidfile, source = config.pidfile_of(config_path)
+    click.echo(f"luafcgid: the config file has an error: {problem}", err=True)
+    click.echo(f"luafcgid: using the pidfile {pidfile} ({source}; --pidfile gives another)",
+               err=True)
+    return Target(pidfile, None)
+
+
+def running_pid(pidfile: Pidfile) -> Optional[int]:
+    try:
+        return pidfile.running()
+    except OSError as error:
+        fail(f"cannot read the pidfile {pidfile.path}: {error.strerror}")
+
+
+def signal_master(pid: int, signum: int) -> None:
+    """Send ``signum`` to the master; a server of another user is an error that says so."""
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        fail(f"luafcgid (pid {pid}) exited meanwhile")
+    except PermissionError:
+        owner = process_owner(pid)
+        fail(f"permission denied: the server (pid {pid}) runs as {owner}; run this as {owner}")
+
+
+def process_owner(pid: int) -> str:
+    try:
+        return psutil.Process(pid).username()
+    except (psutil.Error, KeyError):
+        return "another user"
+
+
+def reload_record(pidfile: str, pid: int) -> dict:
+    """The master's record of its last reload (number, state, reason); {} when none."""
+    snapshot = pool_status.read_snapshot_at(pidfile)
+    if not snapshot or snapshot.get("pid") != pid:
+        return {}
+    record = snapshot.get("reload")
+    return record if isinstance(record, dict) else {}
+
+
+def wait_for_reload(pidfile: str, pid: int, before: int, timeout: float) -> Optional[dict]:
+    """The outcome of the reload after number ``before``; None when none came in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = reload_record(pidfile, pid)
+        if record.get("number", 0) > before and record.get("state") != "pending":
+            return record
+        if not alive(pid):
+            return {"state": "failed", "reason": "the server exited"}
+        time.sleep(POLL)
+    return None
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -253,10 +377,11 @@ def wait_gone(pid: int, timeout: float) -> bool:
 
 
 def kill_tree(pid: int) -> None:
-    """KILL the master and its workers (left alone they would wait for their master)."""
+    """KILL the master, its workers (left alone they would wait for their master) and the
+    processes scripts started (an ``os.execute`` child would outlive them all)."""
     try:
         master = psutil.Process(pid)
-        processes = [master] + master.children()
+        processes = [master] + master.children(recursive=True)
     except psutil.NoSuchProcess:
         return
     for process in processes:
@@ -264,6 +389,12 @@ def kill_tree(pid: int) -> None:
             process.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def is_url_path(target: str) -> bool:
+    """True when ``request`` takes ``target`` as a URL path, not as a script file."""
+    path = target.partition("?")[0]
+    return path.startswith("/") and not os.path.isfile(path)
 
 
 def resolve_target(target: str, root: Optional[str]) -> Tuple[str, Optional[str], str]:
@@ -274,7 +405,7 @@ def resolve_target(target: str, root: Optional[str]) -> Tuple[str, Optional[str]
     ping and status paths, which need no script).
     """
     path, _, query = target.partition("?")
-    if not path.startswith("/") or os.path.isfile(path):
+    if not is_url_path(target):
         filename = os.path.abspath(path)
         base = os.path.abspath(root).rstrip("/") if root else None
         inside = base is not None and filename.startswith(base + "/")

@@ -903,3 +903,24 @@ def _plain(value: Any, path: str, where: str, depth: int) -> Any:
         if converted[key] is _FUNCTION:
             raise ConfigError(path, f"{where}.{key}", "a function cannot be a setting")
     return converted
+
+
+def pidfile_of(path: str) -> Tuple[str, str]:
+    """The pidfile a config file names even when the file is refused as a whole (an
+    unknown key, a bad value elsewhere): ``(path, where it came from)``.
+
+    ``stop``, ``status`` and ``reload`` use it to find a server whose config file was
+    broken after it started. Only when the Lua itself does not run does it fall back to
+    the default pidfile.
+    """
+    path = os.path.abspath(path)
+    default = KEYS["pidfile"][1]
+    try:
+        with open(path, "rb") as file:
+            values = _run(file.read(), path)
+        value = values.get("pidfile")
+        if value is None:
+            return default, "the default pidfile: the config sets none"
+        return required_path(value, os.path.dirname(path)), "the config's pidfile setting"
+    except (OSError, ConfigError, Invalid):
+        return default, "the default pidfile: the config file does not run"

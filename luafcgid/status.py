@@ -48,8 +48,13 @@ def remove_status_file(pidfile: str) -> None:
 
 def read_snapshot(settings: Settings) -> Optional[dict]:
     """The master's status file as written at the last heartbeat; None when there is none."""
+    return read_snapshot_at(settings.pidfile)
+
+
+def read_snapshot_at(pidfile: str) -> Optional[dict]:
+    """The status file beside ``pidfile``; None when there is none (or it is unreadable)."""
     try:
-        with open(status_path(settings.pidfile)) as file:
+        with open(status_path(pidfile)) as file:
             snapshot = json.load(file)
     except (OSError, ValueError):
         return None
@@ -72,13 +77,16 @@ def build(settings: Settings, snapshot: Optional[dict], live: Optional[dict] = N
         row["uptime"] = round(now - row["started"], 3) if row["started"] else None
     serving = sum(1 for row in rows if row["state"] == "serving")
     active = sum(row["busy"] or 0 for row in rows)
-    queued = listen_queue(settings.listen)
+    # The running master's own figures first: the config file may have changed since.
+    threads_each = snapshot.get("threads", settings.workers)
+    listen = snapshot.get("listen", settings.listen)
+    queued = listen_queue(listen)
     started = snapshot.get("started")
     return {
         "version": __version__,
         "pid": snapshot.get("pid"),
         "config": snapshot.get("config", settings.path),
-        "listen": snapshot.get("listen", settings.listen),
+        "listen": listen,
         "started": started,
         "uptime": round(now - started, 3) if started else None,
         "updated": snapshot.get("updated"),
@@ -89,12 +97,14 @@ def build(settings: Settings, snapshot: Optional[dict], live: Optional[dict] = N
         "accepted_requests": (snapshot.get("retired_requests") or 0)
         + sum(row["requests"] or 0 for row in rows),
         "active_threads": active,
-        "idle_threads": max(0, serving * settings.workers - active),
-        "threads": serving * settings.workers,
+        "idle_threads": max(0, serving * threads_each - active),
+        "threads": serving * threads_each,
         "listen_queue": queued,
-        "listen_queue_max": listen_backlog(settings.backlog) if queued is not None else None,
+        "listen_queue_max": (listen_backlog(snapshot.get("backlog", settings.backlog))
+                             if queued is not None else None),
         "slow_requests": sum(row["slow"] or 0 for row in rows),
         "states_loaded": sum(row["states"] or 0 for row in rows),
+        "reload": snapshot.get("reload"),
         "workers": rows,
     }
 
@@ -178,7 +188,25 @@ def as_text(figures: dict) -> str:
             f"{blank_if_none(row['requests']):>9} {blank_if_none(row['busy']):>5} "
             f"{blank_if_none(row['states']):>6} {format_duration(row['uptime']):>10}  "
             f"{row['state']}")
+    reload = describe_reload(figures.get("reload"))
+    if reload:
+        lines.append(reload)
     return "\n".join(lines) + "\n"
+
+
+def describe_reload(record: Optional[dict]) -> str:
+    """The last reload in a line ("" when there was none)."""
+    if not record:
+        return ""
+    number, state = record.get("number"), record.get("state")
+    when = record.get("finished") or record.get("requested")
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "?"
+    if state == "failed":
+        return (f"last reload (#{number}) FAILED at {at}: {record.get('reason')}; still "
+                "serving the previous config")
+    if state == "pending":
+        return f"reload #{number} under way since {at}: the new workers are booting"
+    return f"last reload (#{number}) done at {at}"
 
 
 # name → (type, help, key of the figures); counters get "_total" on their sample.
@@ -197,6 +225,10 @@ POOL_METRICS: Tuple[Tuple[str, str, str, str], ...] = (
     ("luafcgid_slow_requests", "counter", "Requests that passed slowlog_timeout.",
      "slow_requests"),
     ("luafcgid_states_loaded", "gauge", "Lua states loaded in all workers.", "states_loaded"),
+    ("luafcgid_master_rss_bytes", "gauge", "Resident memory of the master process.", "rss"),
+    ("luafcgid_last_reload_successful", "gauge",
+     "1 when the last reload succeeded (or none was made), 0 when it failed.",
+     "last_reload_successful"),
 )
 WORKER_METRICS: Tuple[Tuple[str, str, str, str], ...] = (
     ("luafcgid_worker_rss_bytes", "gauge", "Resident memory of a worker process.", "rss"),
@@ -205,22 +237,49 @@ WORKER_METRICS: Tuple[Tuple[str, str, str, str], ...] = (
     ("luafcgid_worker_states_loaded", "gauge", "Lua states a worker process holds.", "states"),
     ("luafcgid_worker_start_time_seconds", "gauge", "When a worker process started.",
      "started"),
+    ("luafcgid_worker_pid", "gauge", "Process id of the worker process with this number.",
+     "pid"),
 )
 OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 def as_openmetrics(figures: dict) -> str:
-    """The OpenMetrics text format (Prometheus scrapes it), ending with ``# EOF``."""
-    lines: List[str] = []
+    """The OpenMetrics text format (Prometheus scrapes it), ending with ``# EOF``.
+
+    Worker series are labelled by worker number alone: a recycled worker (new pid) goes
+    on with the same series instead of starting a new one each time. While a worker is
+    being replaced two processes share a number: the serving one is shown.
+    """
+    lines = ["# TYPE luafcgid info", "# HELP luafcgid luafcgid's version.",
+             f'luafcgid_info{{version="{figures["version"]}"}} 1']
+    pool = dict(figures, last_reload_successful=0 if (figures.get("reload") or {}).get(
+        "state") == "failed" else 1)
     for name, kind, help_text, key in POOL_METRICS:
-        samples = [("", figures[key])] if figures[key] is not None else []
+        samples = [("", pool[key])] if pool.get(key) is not None else []
         add_metric(lines, name, kind, help_text, samples)
+    workers = one_row_per_number(figures["workers"])
     for name, kind, help_text, key in WORKER_METRICS:
-        samples = [(f'{{worker="{row["number"]}",pid="{row["pid"]}"}}', row[key])
-                   for row in figures["workers"] if row[key] is not None]
+        samples = [(f'{{worker="{row["number"]}"}}', row[key])
+                   for row in workers if row[key] is not None]
         add_metric(lines, name, kind, help_text, samples)
     lines.append("# EOF")
     return "\n".join(lines) + "\n"
+
+
+STATE_RANK = {"serving": 0, "booting": 1, "stopping": 2}
+
+
+def one_row_per_number(rows: List[dict]) -> List[dict]:
+    """For each worker number, the row that stands for it: serving first, then newest."""
+    chosen: Dict[object, dict] = {}
+    for row in rows:
+        if row["number"] is None:
+            continue
+        rank = (STATE_RANK.get(row["state"], 3), -(row["started"] or 0))
+        best = chosen.get(row["number"])
+        if best is None or rank < (STATE_RANK.get(best["state"], 3), -(best["started"] or 0)):
+            chosen[row["number"]] = row
+    return [chosen[number] for number in sorted(chosen, key=str)]
 
 
 def add_metric(lines: List[str], name: str, kind: str, help_text: str,

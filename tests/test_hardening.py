@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,7 +39,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 LOADTEST = Path(__file__).resolve().parent.parent / "scripts" / "loadtest"
 
 HELLO = 'function main(env, con) con:puts("hello") end'
-ECHO = 'function main(env, con) con:puts(#con:gets()) end'
+ECHO = 'function main(env, con) con:puts(#(con:gets() or "")) end'
 
 
 @pytest.fixture
@@ -184,6 +186,18 @@ def test_a_20_mib_body_is_a_413_without_the_worker_growing(site: Site) -> None:
     assert "request body over maxpost" in site.server.output()
 
 
+def test_maxpost_0_means_no_limit(tmp_path: Path) -> None:
+    """As nginx's client_max_body_size 0 and PHP's post_max_size = 0: no limit at all."""
+    if not Path(NGINX).exists():
+        pytest.skip("nginx is not installed")
+    with Site(tmp_path, {"echo.lua": ECHO}, maxpost=0) as site:
+        big = 3 << 20  # over the default maxpost (1 MiB)
+        response = site.get("/echo.lua", method="POST", body=b"x" * big, timeout=30)
+        assert (response.status, response.body) == (200, str(big).encode())
+        assert site.get("/echo.lua", method="POST", body=b"").body == b"0"
+    assert "request body over maxpost" not in site.server.output()
+
+
 def peak_rss(pid: int) -> int:
     """The process's largest RSS so far (VmHWM), bytes: a body held even for a moment shows."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -315,6 +329,51 @@ def test_unix_socket_mode_and_owner_end_to_end(tmp_path: Path) -> None:
         assert status_of(fcgi_call(path, {"SCRIPT_FILENAME": "/nonexistent/x.lua"})) == 404
     finally:
         server.stop()
+
+
+@needs_root
+def test_a_script_the_workers_user_cannot_reach_is_a_403_naming_the_user(tmp_path: Path) -> None:
+    public = Path(tempfile.mkdtemp(prefix="luafcgid-permissions-"))
+    try:
+        public.chmod(0o755)
+        secret = public / "secret.lua"
+        secret.write_text(HELLO)
+        secret.chmod(0o600)
+        readable = public / "hello.lua"
+        readable.write_text(HELLO)
+        readable.chmod(0o644)
+        server = serve_hello(tmp_path, user="nobody", group="nogroup")
+        try:
+            # pytest's tmp dir is private to root: nobody cannot enter it.
+            hidden = tmp_path / "hello.lua"
+            assert status_of(fcgi_call(server.listen, {"SCRIPT_FILENAME": str(hidden)})) == 403
+            assert status_of(fcgi_call(server.listen, {"SCRIPT_FILENAME": str(secret)})) == 403
+            assert fcgi_call(server.listen, {"SCRIPT_FILENAME": str(readable)}).endswith(
+                b"hello")
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(public)
+    log = server.output()
+    assert (f"{hidden}: permission denied for user nobody: a directory on the way cannot be "
+            "entered (403)") in log, log
+    assert f"{secret}: permission denied for user nobody: cannot read it (403)" in log, log
+
+
+def test_the_running_config_file_is_never_served_as_a_script(tmp_path: Path) -> None:
+    # Like examples/config.lua: the config beside the scripts, where nginx would pass it on.
+    (tmp_path / "alias.lua").symlink_to(tmp_path / "config.lua")
+    server = serve_hello(tmp_path)
+    try:
+        for name in ("config.lua", "alias.lua"):
+            output = fcgi_call(server.listen, {"SCRIPT_FILENAME": str(tmp_path / name)})
+            assert status_of(output) == 403
+        assert fcgi_call(server.listen, {"SCRIPT_FILENAME": str(tmp_path / "hello.lua")}
+                         ).endswith(b"hello")
+    finally:
+        server.stop()
+    assert (f"{tmp_path}/config.lua: is the server's config file, never run as a script (403)"
+            in server.output())
 
 
 # --- load ------------------------------------------------------------------------------------

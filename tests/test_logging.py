@@ -91,3 +91,23 @@ def test_move_then_usr1_loses_no_line(tmp_path):
                    what="every mark in one file or the other")
     assert len(marks(logfile)) >= 6, "the workers never reopened the log"
     assert set(marks(moved)) >= set(range(10))
+
+
+def test_every_line_is_a_record_or_its_continuation_never_blank(tmp_path):
+    """A syntax error has no traceback: its entry is one line, with no blank line after it;
+    slow log entries in the error log carry the time and pid once, as every record does."""
+    logfile = tmp_path / "error.log"
+    scripts = {"syntax.lua": "function main(env, con) con:puts( end",
+               "slow.lua": "function main(env, con) local t = os.clock() "
+                           "while os.clock() - t < 0.3 do end con:puts('ok') end"}
+    with Site(tmp_path, scripts, logfile=str(logfile), slowlog_timeout=0.1) as site:
+        assert site.get("/syntax.lua").status == 500
+        assert site.get("/slow.lua").body == b"ok"
+        text = wait_until(lambda: "slow request" in logfile.read_text() and logfile.read_text(),
+                          what="the slow request in the error log")
+    lines = text.splitlines()
+    syntax = next(index for index, line in enumerate(lines) if "syntax.lua:1:" in line)
+    assert RECORD.match(lines[syntax + 1]), lines[syntax:syntax + 2]
+    assert "" not in lines, text
+    slow = next(line for line in lines if "slow request" in line)
+    assert re.match(RECORD.pattern + r"slow request: script ", slow), slow

@@ -20,7 +20,7 @@ SCRIPTS = {
         for name in pairs(env) do names[#names + 1] = name end
         table.sort(names)
         for _, name in ipairs(names) do con:puts(name .. "=" .. env[name] .. "\\n") end
-        con:puts("BODY=" .. con:gets() .. "\\n")
+        con:puts("BODY=" .. (con:gets() or "") .. "\\n")
     end""",
     "fail.lua": 'function main(env, con) error("boom") end',
     "sub/deep.lua": 'function main(env, con) con:puts("deep " .. env.SCRIPT_NAME) end',
@@ -108,3 +108,27 @@ def test_exit_status_for_health_checks(server, tmp_path):
 def test_bad_header_is_a_usage_error(server):
     result = run("-c", str(server.config), "-H", "no colon", "/hello.lua")
     assert result.exit_code == 1 and "expected 'Name: value'" in result.stderr
+
+
+def test_a_url_path_without_a_root_is_taken_from_the_current_directory(server, monkeypatch):
+    """`api.lua?id=1` (a file here) and `/api.lua?id=1` (a URL path) ask for the same
+    script when no root is known, as `php -S` serves the current directory."""
+    monkeypatch.chdir(server.docroot)
+    relative = run("--connect", server.listen, "env.lua?id=1")
+    absolute = run("--connect", server.listen, "/env.lua?id=1")
+    for result in (relative, absolute):
+        assert result.exit_code == 0, result.stderr
+        env = env_of(result)
+        assert env["SCRIPT_FILENAME"] == str(server.docroot / "env.lua")
+        assert env["QUERY_STRING"] == "id=1"
+    assert env_of(absolute)["DOCUMENT_ROOT"] == str(server.docroot)
+
+
+def test_a_missing_script_without_a_root_hints_at_the_option(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("--connect", server.listen, "/hello.lua")
+    assert result.exit_code == 0 and result.stdout.startswith("403")  # outside its root
+    assert ("no document root given (--root DIR, or root in the config): /hello.lua was "
+            f"taken from the current directory {tmp_path}") in result.stderr
+    rooted = run("--connect", server.listen, "--root", str(server.docroot), "/hello.lua")
+    assert (rooted.exit_code, rooted.stdout, rooted.stderr) == (0, "hello", "")

@@ -11,14 +11,14 @@ import sys
 import psutil
 import pytest
 
-from luafcgid import client, config
+from luafcgid import __version__, client, config, status
 from luafcgid.status import listen_queue
 from tests.support import FASTCGI_PARAMS, Server, Site, as_root, free_port, wait_until, write_config
 
 pytestmark = pytest.mark.nginx
 
 HELLO = 'function main(env, con) con:puts("hello") end'
-OPENMETRICS_SAMPLE = re.compile(r'^[a-z_]+(\{worker="\d+",pid="\d+"\})? [0-9.e+]+$')
+OPENMETRICS_SAMPLE = re.compile(r'^[a-z_]+(\{worker="\d+"\}|\{version="[^"]+"\})? [0-9.e+]+$')
 
 
 def route_own_paths(site: Site, *paths: str) -> None:
@@ -105,12 +105,38 @@ def test_status_openmetrics(site):
     for sample in samples:
         assert OPENMETRICS_SAMPLE.match(sample), sample
         name = sample.split("{")[0].split()[0]
-        family = name[:-len("_total")] if typed.get(name[:-len("_total")]) == "counter" else name
+        family = next((name[:-len(suffix)] for suffix, kind in (("_total", "counter"),
+                                                                 ("_info", "info"))
+                       if name.endswith(suffix) and typed.get(name[:-len(suffix)]) == kind),
+                      name)
         assert family in typed, sample
     assert typed["luafcgid_accepted_requests"] == "counter"
     assert any(line.startswith("luafcgid_accepted_requests_total ") for line in samples)
-    assert {int(re.search(r'pid="(\d+)"', line).group(1)) for line in samples
-            if line.startswith("luafcgid_worker_rss_bytes")} <= master_children(site) | {0}
+    # Worker series by number (a recycled worker keeps its series), the pid as a value.
+    assert {re.search(r'worker="(\d+)"', line).group(1) for line in samples
+            if line.startswith("luafcgid_worker_rss_bytes")} == {"1", "2"}
+    pids = {int(float(line.split()[1])) for line in samples
+            if line.startswith("luafcgid_worker_pid{")}
+    assert pids <= master_children(site) and len(pids) == 2
+    assert typed["luafcgid"] == "info"
+    assert f'luafcgid_info{{version="{__version__}"}} 1' in samples
+    master_rss = next(line for line in samples if line.startswith("luafcgid_master_rss_bytes "))
+    assert int(master_rss.split()[1]) > 1_000_000
+    assert "luafcgid_last_reload_successful 1" in samples
+
+
+def test_openmetrics_has_one_series_per_worker_number_while_one_is_replaced():
+    """A replacement boots beside the worker it replaces: same number, two processes."""
+    rows = [{"number": 1, "pid": 101, "state": "stopping", "rss": 1, "requests": 9, "busy": 0,
+             "states": 1, "slow": 0, "started": 100.0, "uptime": 5.0},
+            {"number": 1, "pid": 102, "state": "serving", "rss": 2, "requests": 1, "busy": 0,
+             "states": 1, "slow": 0, "started": 104.0, "uptime": 1.0}]
+    figures = status.build(config.defaults(), {"workers": rows, "pid": 1, "rss": 5,
+                                               "reload": {"number": 3, "state": "failed"}})
+    text = status.as_openmetrics(figures)
+    pids = re.findall(r"^luafcgid_worker_pid\{.*$", text, re.M)
+    assert pids == ['luafcgid_worker_pid{worker="1"} 102']
+    assert "luafcgid_last_reload_successful 0" in text
 
 
 def test_status_refuses_an_unknown_form(site):

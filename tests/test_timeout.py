@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import List
 
+import psutil
 import pytest
 
 from luafcgid.arbiter import overrun_limit
@@ -217,22 +218,62 @@ end
         assert "not enough memory" in site.server.output()
 
 
-def test_master_replaces_a_worker_stuck_past_timeout(tmp_path: Path) -> None:
-    """os.execute blocks in C: no hook runs, the master's fallback must act."""
-    scripts = {"pid.lua": PID,
-               "stuck.lua": 'function main(env, con) os.execute("sleep 12") end'}
-    with Site(tmp_path, scripts, timeout=1, graceful_timeout=1, sweep=200,
-              workers=2) as site:
+def test_a_request_stuck_in_a_c_call_is_killed_with_its_children_and_named(
+        tmp_path: Path) -> None:
+    """os.execute blocks in C: no hook runs, so the master acts once the request passes
+    timeout + margin: KILL for the worker and the processes under it (not a graceful stop,
+    which would let it run to its end), the script and URI in the log and the slow log."""
+    child_pid = tmp_path / "child.pid"
+    # The inner sh becomes `sleep`: a grandchild of the worker, as a script's would be.
+    stuck = (f"function main(env, con) os.execute([[sh -c 'echo $$ > {child_pid}; "
+             "exec sleep 30']]) con:puts('finished') end")
+    slow_log = tmp_path / "slow.log"
+    scripts = {"pid.lua": PID, "stuck.lua": stuck}
+    with Site(tmp_path, scripts, timeout=1, sweep=200, workers=2, slowlog=str(slow_log),
+              slowlog_timeout=0.5) as site:
         stuck_worker = pid_of(site)
         began = time.monotonic()
         # POST: nginx retries a GET on the next worker when the first one dies under it.
-        response = site.get("/stuck.lua", method="POST", body=b"", timeout=30)
+        response = site.get("/stuck.lua?id=7", method="POST", body=b"", timeout=40)
         took = time.monotonic() - began
-        # The worker was killed under the request: nginx answers 502.
+        # Killed under the request at the limit (graceful_timeout, 30 s, plays no part).
         assert response.status == 502, response
-        assert overrun_limit(1) < took < overrun_limit(1) + 5, took
+        assert overrun_limit(1) < took < overrun_limit(1) + 3, took
+        sleeper = int(child_pid.read_text())
+        wait_until(lambda: not psutil.pid_exists(sleeper) or
+                   psutil.Process(sleeper).status() == psutil.STATUS_ZOMBIE,
+                   timeout=5, what="the script's child process to be killed")
         assert wait_until(lambda: pid_of(site) != stuck_worker, timeout=10,
                           what="a replacement worker")
         log = site.server.output()
-        assert re.search(rf"worker 1 \(pid {stuck_worker}\) has a request running for "
-                         r"\d+\.\d s, past timeout \(1 s\)", log), log
+        script = re.escape(site.script_path("stuck.lua"))
+        assert re.search(rf"worker 1 \(pid {stuck_worker}\): a request to {script} \(uri "
+                         r"/stuck\.lua\?id=7\) has run for \d+\.\d s, past timeout \(1 s\)",
+                         log), log
+        assert "killing the worker and the processes it started" in log
+    entry = slow_log.read_text()
+    assert re.search(rf"\[pid {stuck_worker}\] slow request: script {script}, uri "
+                     r"/stuck\.lua\?id=7, running for \d+\.\d+ s in worker 1", entry), entry
+    assert "no Lua traceback" in entry
+
+
+def test_a_graceful_stop_leaves_no_process_a_cut_off_request_started(tmp_path: Path) -> None:
+    """TERM while a request waits in os.execute: past graceful_timeout the request is cut
+    off, and its child process goes with it (whichever of the worker or the master ends
+    it), not left running after the server is gone."""
+    child_pid = tmp_path / "child.pid"
+    scripts = {"stuck.lua": f"function main(env, con) os.execute([[sh -c 'echo $$ > "
+                            f"{child_pid}; exec sleep 30']]) end"}
+    site = Site(tmp_path, scripts, graceful_timeout=1, workers=2).start()
+    try:
+        request = threading.Thread(target=lambda: site.get("/stuck.lua", method="POST",
+                                                           body=b"", timeout=30), daemon=True)
+        request.start()
+        sleeper = int(wait_until(lambda: child_pid.exists() and child_pid.read_text().strip(),
+                                 what="the script's child process"))
+        assert site.server.stop() == 0  # first: nginx would wait for the request
+    finally:
+        site.stop()
+    wait_until(lambda: not psutil.pid_exists(sleeper) or
+               psutil.Process(sleeper).status() == psutil.STATUS_ZOMBIE,
+               timeout=5, what="the script's child process to be gone")

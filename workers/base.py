@@ -31,6 +31,7 @@ from luafcgid.app import Application, prepare_worker_process
 from luafcgid.config import Settings
 from luafcgid.log import log
 from luafcgid.lua import slowlog
+from luafcgid.protocol import Request
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 # The master's signals: a worker leaves them to the master (Ctrl-C in a terminal reaches the
@@ -49,6 +50,7 @@ class Worker:
         self.report_fd = report_fd
         self.pid = self.ppid = 0    # known in run(), in the child
         self.alive = True           # False once a stop was asked for
+        self.booted = False         # True once it serves: a failure before is a boot failure
         self.fast_exit = False      # INT/QUIT: do not wait for in-flight requests
         self.app: Optional[Application] = None
         self.max_requests = self._request_limit(settings)
@@ -72,6 +74,7 @@ class Worker:
         self.app = Application(self.settings, self.number)
         self.init_signals()
         log.debug("worker %d booted (pid %d)", self.number, self.pid)
+        self.booted = True
         try:
             self.serve()
         finally:
@@ -139,14 +142,26 @@ class Worker:
 
     def figures(self) -> dict:
         """``oldest``: seconds the longest-running request has run (0 when none): the
-        master replaces a worker whose request overran ``timeout`` (arbiter.py)."""
+        master kills a worker whose request overran ``timeout`` (arbiter.py) and names
+        that request's ``oldest_script`` and ``oldest_uri`` in its log."""
         assert self.app is not None
-        return {"pid": self.pid, "requests": self.app.requests, "busy": self.busy_threads(),
-                "states": self.app.states_loaded(),
-                "oldest": round(self.app.oldest_running(), 3), "slow": slowlog.recorded()}
+        figures = {"pid": self.pid, "requests": self.app.requests, "busy": self.busy_threads(),
+                   "states": self.app.states_loaded(),
+                   "oldest": round(self.app.oldest_running(), 3), "slow": slowlog.recorded()}
+        oldest = self.oldest_request()
+        if figures["oldest"] and oldest is not None:
+            params = oldest.params
+            figures["oldest_script"] = params.get(b"SCRIPT_FILENAME", b"").decode(
+                "utf-8", "replace")
+            figures["oldest_uri"] = params.get(b"REQUEST_URI", b"").decode("utf-8", "replace")
+        return figures
 
     def busy_threads(self) -> int:
         return 0
+
+    def oldest_request(self) -> Optional[Request]:
+        """The request running longest now (None when none runs, or when not known)."""
+        return None
 
     def report(self, **extra: object) -> None:
         """Write one JSON line of figures to the master (nothing when run alone)."""

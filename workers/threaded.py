@@ -38,9 +38,12 @@ import os
 import select
 import selectors
 import socket
+import sys
 import threading
 import time
 from typing import Optional, Union
+
+import psutil
 
 from luafcgid import protocol
 from luafcgid.log import AccessLog, log, open_access_log
@@ -196,6 +199,12 @@ class ThreadWorker(Worker):
         # The answer to a connection taken over the cap (shed_overflow).
         self.overloaded = error_page(503, self.settings.headers + b"Retry-After: 1\r\n",
                                      "every connection of this worker is busy; try again")
+        # thread number → (start, request) of the request it runs: the oldest one is named
+        # in the heartbeat report, for the master's log if it has to kill this worker.
+        self.running: dict[int, tuple[float, protocol.Request]] = {}
+        # maxpost = 0 means no limit, as nginx's client_max_body_size 0 and PHP's
+        # post_max_size = 0 do.
+        self.maxpost = self.settings.maxpost or sys.maxsize
         self.access_log: Optional[AccessLog] = None
         if self.settings.access_log:
             self.access_log = open_access_log(self.settings.access_log,
@@ -216,6 +225,25 @@ class ThreadWorker(Worker):
             for thread in others:
                 thread.join(0.5 if self.fast_exit else 5)
             self.selector.close()
+            if self.running:
+                self.end_abandoned_children()
+
+    def end_abandoned_children(self) -> None:
+        """Leaving requests still running (past graceful_timeout, or a fast stop): the
+        processes they started (an ``os.execute`` child) must not outlive them."""
+        try:
+            children = psutil.Process().children(recursive=True)
+        except psutil.Error:
+            return
+        if children:
+            log.warning("worker %d: stopping with %d request(s) still running: killing the "
+                        "%d process(es) they started", self.number, len(self.running),
+                        len(children))
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
 
     # -- passing the baton ----------------------------------------------------------------
 
@@ -382,7 +410,7 @@ class ThreadWorker(Worker):
         right after connecting. Only one that is to carry more input is registered.
         A ``shed`` one gets 503 for its request, then is closed."""
         parser = protocol.Connection(self.settings.max_connections, self.settings.workers,
-                                     self.settings.maxpost, self.settings.max_params)
+                                     self.maxpost, self.settings.max_params)
         connection = Connection(sock, parser, self.lock, self.settings.timeout)
         connection.shed = shed
         self.connections[connection.fd] = connection
@@ -651,6 +679,7 @@ class ThreadWorker(Worker):
             connection.streamed = 0
             started = time.perf_counter()
         output = b""
+        self.running[thread_number] = (time.monotonic(), request)
         try:
             try:
                 output = self.app.handle(request, sink, thread_number)
@@ -664,6 +693,7 @@ class ThreadWorker(Worker):
                 connection.big = True
             self.finish(connection, records)
         finally:
+            del self.running[thread_number]
             if access_log is not None:  # the line is written for a lost client too
                 log_access(access_log, request, connection, output,
                            time.perf_counter() - started)
@@ -684,6 +714,10 @@ class ThreadWorker(Worker):
         """Threads running a request now (``busy`` also counts requests waiting to run)."""
         with self.lock:
             return self.busy - len(self.ready)
+
+    def oldest_request(self) -> Optional[protocol.Request]:
+        running = list(self.running.values())  # a copy: threads change it meanwhile
+        return min(running, key=lambda entry: entry[0])[1] if running else None
 
 
 def log_access(access_log: AccessLog, request: protocol.Request, connection: Connection,

@@ -3,8 +3,12 @@
 The Lua watchdog (``prelude.lua``) takes the traceback inside the running state when a
 request passes ``slowlog_timeout`` and calls :func:`record`; the request keeps running.
 Entries go to the ``luafcgid.slow`` logger: to the ``slowlog`` file when one is set, else
-to the error log. The file handler is a ``WatchedFileHandler``: it reopens the file when
-logrotate moved it, with no signal needed (entries are rare, so its stat per entry is free).
+to the error log, whose own line format already carries the time and the pid. The file
+handler is a ``WatchedFileHandler``: it reopens the file when logrotate moved it, with no
+signal needed (entries are rare, so its stat per entry is free).
+
+A request stuck in a C call (``os.execute``) runs no Lua hook, so no traceback can be
+taken: the master, which kills such a worker, writes that entry (:func:`record_killed`).
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import itertools
 import logging
 import logging.handlers
 import os
-import time
 from typing import Optional
 
 from luafcgid.log import log
 
 slow_log = logging.getLogger("luafcgid.slow")
-ENTRY_FORMAT = "%(message)s"
+# The time and the pid of the worker that ran the request (the master writes some entries).
+ENTRY_FORMAT = "%(asctime)s [pid %(worker_pid)d] %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 # Entries recorded by this process (next() on a count is atomic: threads share it).
 _entries = itertools.count()
 _recorded = 0
@@ -47,7 +52,7 @@ def open_log(path: Optional[str]) -> None:
                   "check the path and that the workers' user may write it", path,
                   error.strerror)
         return
-    handler.setFormatter(logging.Formatter(ENTRY_FORMAT))
+    handler.setFormatter(logging.Formatter(ENTRY_FORMAT, DATE_FORMAT))
     slow_log.addHandler(handler)
     slow_log.propagate = False
 
@@ -56,8 +61,16 @@ def record(script: str, uri: Optional[bytes], elapsed: float, traceback: bytes) 
     """One entry: time, pid, script, URI, elapsed seconds, then the Lua traceback."""
     global _recorded
     _recorded = next(_entries) + 1
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     where = os.fsdecode(uri) if uri else "-"
-    slow_log.warning("%s [pid %d] slow request: script %s, uri %s, running for %.3f s\n%s",
-                     stamp, os.getpid(), script, where, elapsed,
-                     traceback.decode("utf-8", "replace"))
+    slow_log.warning("slow request: script %s, uri %s, running for %.3f s\n%s", script, where,
+                     elapsed, traceback.decode("utf-8", "replace"),
+                     extra={"worker_pid": os.getpid()})
+
+
+def record_killed(worker_number: int, pid: int, script: str, uri: str,
+                  elapsed: float) -> None:
+    """The master's entry for a request it killed with its worker (no traceback exists)."""
+    slow_log.warning("slow request: script %s, uri %s, running for %.3f s in worker %d "
+                     "(pid %d), stuck outside Lua (a C call such as os.execute: no Lua "
+                     "traceback); the worker was killed", script, uri or "-", elapsed,
+                     worker_number, pid, extra={"worker_pid": pid})

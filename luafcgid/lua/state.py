@@ -56,6 +56,10 @@ HERE = Path(__file__).resolve().parent
 PRELUDE_PATH = HERE / "prelude.lua"
 LUAFCGID_MODULE_PATH = HERE / "luafcgid.lua"
 SESSION_PATH = HERE / "session.lua"
+# Read once, at import, in the master: workers that dropped privileges may not be able to
+# read the installed package (a venv under /root), so they never open these files.
+LUA_SOURCES = {path: path.read_bytes() for path in (PRELUDE_PATH, LUAFCGID_MODULE_PATH,
+                                                     SESSION_PATH)}
 
 MEMORY_MESSAGE = b"not enough memory"
 # Instructions between two watchdog looks: one look is an os.time() call, ~0.1 us.
@@ -198,7 +202,7 @@ class Blueprint:
         scratch = self.lua.LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
         dump = scratch.eval("function(source, name) "
                             "return string.dump(assert((loadstring or load)(source, name))) end")
-        return dump(path.read_bytes(), b"@" + os.fsencode(path))
+        return dump(LUA_SOURCES[path], b"@" + os.fsencode(path))
 
 
 class _Outlet:

@@ -38,6 +38,25 @@ KEY_PREFIX = "luafcgid:session:"
 CONNECT_TIMEOUT = 1.0
 COMMAND_TIMEOUT = 2.0
 
+
+
+def _driver_options() -> dict:
+    """redis-py's own version for CLIENT SETINFO, taken once here, at import in the master.
+
+    Left to itself, redis-py reads it from its package metadata on every new connection:
+    in a worker that dropped privileges that read (and the lazy ``importlib.metadata``
+    imports behind it) fails when the package lives where the workers' user cannot read
+    (a venv under /root), and every session call would be a 500.
+    """
+    try:
+        from redis.driver_info import DriverInfo
+    except ImportError:  # redis-py < 7: a plain keyword, when it has CLIENT SETINFO at all
+        return {"lib_version": redis.__version__} if redis.VERSION >= (5,) else {}
+    return {"driver_info": DriverInfo(lib_version=redis.__version__)}
+
+
+DRIVER_OPTIONS = _driver_options()
+
 ADDRESS, AGENT, LANGUAGE = b"@a", b"@g", b"@l"
 VARIABLE = b"v"
 
@@ -113,7 +132,7 @@ class _Connection:
         # closed is replaced when it is taken from the pool, without a retry.
         self.client = redis.Redis.from_url(
             url, socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=COMMAND_TIMEOUT,
-            retry=Retry(NoBackoff(), 0))
+            retry=Retry(NoBackoff(), 0), **DRIVER_OPTIONS)
         self.put_identity = self.client.register_script(PUT_IDENTITY)
         self.set_variable = self.client.register_script(SET_VARIABLE)
         self.clear_variables = self.client.register_script(CLEAR_VARIABLES)
