@@ -333,7 +333,8 @@ def test_another_user_is_told_to_run_stop_and_reload_as_root():
         except OSError as error:
             pytest.skip(f"user nobody cannot run this Python ({error})")
         if probe.returncode != 0:
-            pytest.skip(f"user nobody cannot run this Python: {probe.stderr[-300:]}")
+            last = probe.stderr.strip().splitlines()[-1:] or ["no output"]
+            pytest.skip(f"user nobody cannot run this Python ({sys.executable}): {last[0]}")
         setup = Setup(base)
         assert setup.run("start").returncode == 0
         master = setup.master()
