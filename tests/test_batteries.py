@@ -14,7 +14,7 @@ from typing import List, Optional
 import pytest
 
 from luafcgid.lua import ScriptError
-from tests.test_lua_api import Site, response
+from tests.lua_site import Site, response, sites
 
 RUNTIMES = ["5.4", "5.1", "luajit"]
 
@@ -34,15 +34,7 @@ CHECKS = """
 @pytest.fixture
 def site(tmp_path):
     """``site(lua)``: a Site on tmp_path running that Lua."""
-    made: List[Site] = []
-
-    def make(lua: str) -> Site:
-        made.append(Site(tmp_path, lua=lua))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.cache.close()
+    yield from sites(tmp_path)
 
 
 def run_checks(site: Site, body: str) -> None:

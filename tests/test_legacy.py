@@ -23,8 +23,8 @@ from typing import List
 import pytest
 
 from luafcgid import config
+from tests.lua_site import RUNTIMES, response, sites
 from tests.support import Nginx, Server, as_root, fcgi_call, http, lua_literal, wait_until
-from tests.test_lua_api import RUNTIMES, Site, response
 
 # --- the originals' own files, as they ship ------------------------------------------------
 
@@ -410,15 +410,7 @@ def test_a_late_header_no_longer_cuts_the_page_off(tmp_path, running):
 
 @pytest.fixture
 def site(tmp_path):
-    made: List[Site] = []
-
-    def make(**settings: object) -> Site:
-        made.append(Site(tmp_path, **settings))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.cache.close()
+    yield from sites(tmp_path)
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)

@@ -5,64 +5,18 @@ Real lupa runtimes, real script files in tmp_path.
 
 from __future__ import annotations
 
-import textwrap
-from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import pytest
 
-from luafcgid.config import from_mapping
-from luafcgid.lua import ScriptError, StateCache
-
-RUNTIMES = ["5.4", "5.1", "luajit"]
-
-
-class Site:
-    """Scripts in a directory and a cache to run them."""
-
-    def __init__(self, root: Path, **settings: object) -> None:
-        self.root = root
-        self.cache = StateCache(from_mapping(settings), worker_number=3)
-
-    def script(self, source: str, name: str = "page.lua") -> str:
-        path = self.root / name
-        path.write_text(textwrap.dedent(source))
-        return str(path)
-
-    def serve(self, script: str, params: Optional[dict] = None, body: bytes = b"",
-              sink: Optional[List[bytes]] = None, thread: int = 1) -> bytes:
-        """One request on a state of ``script``; early output goes to ``sink``."""
-        env = {b"SCRIPT_FILENAME": script.encode(), b"REQUEST_METHOD": b"GET"}
-        env.update(params or {})
-        state = self.cache.acquire(script, str(self.root))
-        try:
-            return state.run(env, body, (sink if sink is not None else []).append, thread)
-        finally:
-            self.cache.release(state)
+from luafcgid.lua import ScriptError
+from tests.lua_site import RUNTIMES, head, response, sites
 
 
 @pytest.fixture
 def site(tmp_path):
     """``site(**settings)``: a Site on tmp_path with those settings."""
-    made: List[Site] = []
-
-    def make(**settings: object) -> Site:
-        made.append(Site(tmp_path, **settings))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.cache.close()
-
-
-def response(body: bytes, status: bytes = b"200 OK", content_type: bytes = b"text/html",
-             headers: bytes = b"") -> bytes:
-    return head(status, content_type, headers + b"Content-Length: %d\r\n" % len(body)) + body
-
-
-def head(status: bytes = b"200 OK", content_type: bytes = b"text/html",
-         headers: bytes = b"") -> bytes:
-    return b"Status: " + status + b"\r\nContent-Type: " + content_type + b"\r\n" + headers + b"\r\n"
+    yield from sites(tmp_path)
 
 
 # --- buffered responses -------------------------------------------------------------------

@@ -19,9 +19,9 @@ from typing import Dict, List, Optional
 import pytest
 
 from luafcgid.lua import ScriptError
+from tests.lua_site import Site, sites
 from tests.support import Site as WebSite
 from tests.support import wait_until
-from tests.test_lua_api import Site
 
 RUNTIMES = ["5.4", "5.1", "luajit"]
 
@@ -117,17 +117,7 @@ class Client:
 @pytest.fixture
 def site(tmp_path):
     """``site(lua, **settings)``: scripts and a cache whose sessions live in tmp_path."""
-    made: List[Site] = []
-
-    def make(lua: str = "5.4", **settings: object) -> Site:
-        settings.setdefault("session_store", f"sqlite:{tmp_path}/sessions.db")
-        made.append(Site(tmp_path, lua=lua, **settings))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.cache.close()
-        each.cache.sessions.close()
+    yield from sites(tmp_path, session_store=f"sqlite:{tmp_path}/sessions.db")
 
 
 def rows(tmp_path: Path, table: str) -> int:
