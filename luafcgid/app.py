@@ -32,7 +32,7 @@ import os
 import stat
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-from luafcgid import privileges, status
+from luafcgid import privileges, protocol, status
 from luafcgid.config import Settings
 from luafcgid.log import log
 from luafcgid.lua import ScriptError, StateCache
@@ -81,6 +81,22 @@ def prepare_worker_process(settings: Settings) -> None:
     """Once per worker process, before its :class:`Application`: Lua C modules then link
     against the configured Lua (lua/runtime.py says why only worker processes do this)."""
     lua_runtime.link_globally(settings.lua)
+
+
+def speedups_line(settings: Settings) -> str:
+    """The master's start log line: the compiled speed-ups its workers use, or why none."""
+    if os.environ.get(lua_runtime.PURE_VARIABLE):
+        return f"compiled speed-ups: off ({lua_runtime.PURE_VARIABLE} is set): pure paths"
+    used = ["PARAMS decoding"] if protocol.COMPILED else []
+    if lua_runtime.fastformat_built(settings.lua):
+        used.append(f"string.format for Lua {settings.lua}")
+    if not used:
+        return ("compiled speed-ups: not built (no C compiler when luafcgid was installed): "
+                "pure paths; reinstall with gcc present to have them")
+    line = "compiled speed-ups: " + ", ".join(used)
+    if settings.lua not in lua_runtime.FASTFORMAT_APIS:
+        line += f" (lua = {settings.lua!r} keeps its own string.format)"
+    return line
 
 
 class Application:

@@ -53,6 +53,7 @@ from setproctitle import setproctitle
 
 from luafcgid import __version__, config, privileges, sessions, sock
 from luafcgid import log as logging_setup
+from luafcgid.app import prepare_worker_process, speedups_line
 from luafcgid.config import Settings
 from luafcgid.log import log
 from luafcgid.lua import slowlog
@@ -189,6 +190,7 @@ class Arbiter:
         setproctitle(f"luafcgid: master [{self.config_path}]")
         log.info("luafcgid %s master started (pid %d), config %s, listening on %s",
                  __version__, os.getpid(), self.config_path, self.settings.listen)
+        log.info("%s", speedups_line(self.settings))
         try:
             self.loop()
         finally:
@@ -542,6 +544,9 @@ class Arbiter:
             for listener in self.old_listeners:
                 listener.close()
             os.set_blocking(report_fd, False)
+            # Before dropping privileges: it opens the package's compiled speed-ups, which
+            # the workers' user may not be able to read.
+            prepare_worker_process(self.settings)
             privileges.drop(self.owner)
             worker = self.worker_class(number, self.listener, self.settings, report_fd)
             worker.run()

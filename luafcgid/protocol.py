@@ -28,8 +28,19 @@ kept-alive connection may begin the next request (nginx reuses id 1).
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Dict, Iterable, List, Optional, Set, Tuple, Union
+
+# The compiled PARAMS decoder: setup.py builds it when it can; LUAFCGID_PURE: never used.
+_compiled_decode_pairs = None
+if not os.environ.get("LUAFCGID_PURE"):
+    try:
+        from luafcgid._speedups import decode_pairs as _compiled_decode_pairs
+    except ImportError:
+        pass
+# True when PARAMS are decoded by the compiled speed-up.
+COMPILED = _compiled_decode_pairs is not None
 
 VERSION_1 = 1
 
@@ -181,6 +192,17 @@ def encode_pairs(pairs: Iterable[Tuple[bytes, bytes]]) -> bytes:
 
 def _decode_pairs(data: bytes, pos: int, end: int) -> Dict[bytes, bytes]:
     """The pairs in ``data[pos:end]``, read in place (no slice of the whole)."""
+    if _compiled_decode_pairs is not None and data.__class__ is bytes:
+        try:
+            return _compiled_decode_pairs(data, pos, end)
+        except ValueError as error:
+            raise ProtocolError(str(error)) from None
+    return _python_decode_pairs(data, pos, end)
+
+
+def _python_decode_pairs(data: bytes, pos: int, end: int) -> Dict[bytes, bytes]:
+    """:func:`_decode_pairs` in Python: the pure path, and the reference the compiled one
+    is tested against."""
     pairs = {}
     try:
         while pos < end:

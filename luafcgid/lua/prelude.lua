@@ -46,6 +46,18 @@ local report_slow = options.slow     -- Python: (uri, elapsed, traceback) to the
 python = nil
 package.loaded.python = nil
 
+-- The compiled string.format (runtime.py, "compiled speed-ups"): in place before any
+-- script code takes its own local copy of string.format.
+if options.fastformat then
+    local open, message = package.loadlib(options.fastformat, "luaopen_luafcgid_fastformat")
+    if open then
+        string.format = open(string.format)
+    else
+        warn_line("the compiled string.format did not load (" .. tostring(message)
+            .. "): Lua's own is used")
+    end
+end
+
 -- A script can never end its worker.
 os.exit = function()
     error("os.exit is disabled in luafcgid", 2)

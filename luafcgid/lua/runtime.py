@@ -21,6 +21,14 @@ interpreter searches on this OS (Debian's multiarch directory included), replace
 environment's ``LUA_PATH_5_4``/``LUA_PATH`` (and ``LUA_CPATH...``) as ``lua.c`` replaces
 them. Entries relative to the current directory (``./?.lua``) are never searched: a worker's
 current directory means nothing to a script.
+
+Compiled speed-ups (:func:`speedups`). ``fastformat.c``, built by ``setup.py`` for each PUC
+Lua C API when a C compiler is there, is a ``string.format`` that does the common
+conversions itself and hands every other call to Lua's own. A worker process opens it
+right after :func:`link_globally`, before it drops privileges (the package may be readable
+by root only); its states then load it by the same path, which the dynamic loader finds
+open already, and the prelude puts it in place of ``string.format`` before the script
+loads. ``LUAFCGID_PURE=1`` in the environment turns it off (CI runs the tests both ways).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import importlib.abc
+import importlib.machinery
 import os
 import re
 import sys
@@ -55,6 +64,16 @@ MULTIARCH: Optional[str] = sysconfig.get_config_var("MULTIARCH") or None
 
 # The runtime whose symbols this process made global (None: none yet).
 _global_runtime: Optional[str] = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The ``lua`` setting → the C API its string.format speed-up is built for (setup.py).
+# LuaJIT has none: its own format is compiled by its JIT, and a C function would stop traces.
+FASTFORMAT_APIS: Dict[str, str] = {"5.1": "51", "5.3": "53", "5.4": "54"}
+# Set in the environment, the compiled speed-ups are not used.
+PURE_VARIABLE = "LUAFCGID_PURE"
+# The speed-ups this process opened (link_globally): name → path; the handles stay open.
+_speedups: Dict[str, str] = {}
+_speedup_handles: List[ctypes.CDLL] = []
 
 
 class UnknownRuntime(LookupError):
@@ -90,6 +109,37 @@ def link_globally(name: str) -> None:
     ctypes.CDLL(lua.__file__, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
     _global_runtime = name
     sys.meta_path.insert(0, _OtherRuntimesRefused(lua.__name__))
+    _open_speedups(name)
+
+
+def _built(stem: str) -> Optional[str]:
+    """The path of a speed-up setup.py built in this package (None: not built)."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(HERE, stem + suffix)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def _open_speedups(name: str) -> None:
+    """Open the speed-ups for Lua ``name`` now (their Lua symbols resolve against the
+    runtime just made global), while this process may still read the package's files."""
+    path = fastformat_built(name)
+    if path is None or os.environ.get(PURE_VARIABLE):
+        return
+    _speedup_handles.append(ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_LOCAL))
+    _speedups["fastformat"] = path
+
+
+def speedups() -> Dict[str, str]:
+    """The compiled speed-ups this process uses: name → path (empty: the pure paths)."""
+    return dict(_speedups)
+
+
+def fastformat_built(name: str) -> Optional[str]:
+    """The string.format speed-up built for Lua ``name`` (None: none for it, or not built)."""
+    api = FASTFORMAT_APIS.get(name)
+    return _built(f"_fastformat{api}") if api else None
 
 
 class _OtherRuntimesRefused(importlib.abc.MetaPathFinder):

@@ -175,6 +175,9 @@ class Blueprint:
             self.options[b"slowlog_timeout"] = settings.slowlog_timeout
             slowlog.open_log(settings.slowlog)
         self.options[b"headers"] = settings.headers
+        fastformat = lua_runtime.speedups().get("fastformat")
+        if self.c_modules and fastformat and settings.lua in lua_runtime.FASTFORMAT_APIS:
+            self.options[b"fastformat"] = os.fsencode(fastformat)
         if not self.c_modules:
             self.options[b"no_c_modules"] = (
                 f"no C modules in this process: only a worker process links them "
