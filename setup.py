@@ -7,15 +7,16 @@ the pure paths instead (its start log line says which it runs).
 
 from setuptools import Extension, setup
 
-# string.format for PUC Lua, one build per C API (LuaJIT's own format is fast already).
+# Lua speed-ups (string.format, PARAMS into a table), one build per Lua C API: 51 serves
+# Lua 5.1 and LuaJIT.
 LUA_APIS = ("51", "53", "54")
 
 setup(ext_modules=[
     # PARAMS decoding for luafcgid/protocol.py
     Extension("luafcgid._speedups", ["luafcgid/_speedups.c"], optional=True),
 ] + [
-    Extension(f"luafcgid.lua._fastformat{api}", [f"luafcgid/lua/fastformat{api}.c"],
-              depends=["luafcgid/lua/fastformat.c"], extra_compile_args=["-O2"],
+    Extension(f"luafcgid.lua._speedups{api}", [f"luafcgid/lua/speedups{api}.c"],
+              depends=["luafcgid/lua/speedups.c"], extra_compile_args=["-O2"],
               optional=True)
     for api in LUA_APIS
 ])

@@ -88,13 +88,15 @@ def speedups_line(settings: Settings) -> str:
     if os.environ.get(lua_runtime.PURE_VARIABLE):
         return f"compiled speed-ups: off ({lua_runtime.PURE_VARIABLE} is set): pure paths"
     used = ["PARAMS decoding"] if protocol.COMPILED else []
-    if lua_runtime.fastformat_built(settings.lua):
-        used.append(f"string.format for Lua {settings.lua}")
+    if lua_runtime.lua_speedups_built(settings.lua):
+        used.append("PARAMS into Lua")
+        if settings.lua in lua_runtime.FAST_FORMAT:
+            used.append(f"string.format for Lua {settings.lua}")
     if not used:
         return ("compiled speed-ups: not built (no C compiler when luafcgid was installed): "
                 "pure paths; reinstall with gcc present to have them")
     line = "compiled speed-ups: " + ", ".join(used)
-    if settings.lua not in lua_runtime.FASTFORMAT_APIS:
+    if settings.lua not in lua_runtime.FAST_FORMAT:
         line += f" (lua = {settings.lua!r} keeps its own string.format)"
     return line
 
@@ -162,6 +164,7 @@ class Application:
                 report = log.error if refusal.code >= 500 else log.info
                 report("%s: %s (%d)", os.fsdecode(filename), refusal.reason, refusal.code)
                 return self.error(refusal.code, "")
+            request.raw_params = b""  # locate may have rewritten params: the dict says it
         if request.body_too_large:
             log.warning("%s: request body over maxpost (%d bytes), answered 413; raise maxpost "
                         "in the config if such bodies are expected", script, self.settings.maxpost)
@@ -200,7 +203,8 @@ class Application:
                 return self.error(404, "")
             return self.script_failed(failure, "loading")
         try:
-            return state.run(request.params, request.body, sink, thread_number)
+            return state.run(request.params, request.body, sink, thread_number,
+                             request.raw_params)
         except ScriptError as failure:
             return self.script_failed(failure, "running")
         finally:

@@ -106,12 +106,15 @@ class _Event:
 
     __slots__ = ()
 
+    _fields: Tuple[str, ...] = ()  # what equality and repr look at (default: __slots__)
+
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and all(
-            getattr(self, name) == getattr(other, name) for name in self.__slots__)
+            getattr(self, name) == getattr(other, name) for name in self._fields or self.__slots__)
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        fields = ", ".join(f"{name}={getattr(self, name)!r}"
+                           for name in self._fields or self.__slots__)
         return f"{type(self).__name__}({fields})"
 
     __hash__ = None  # type: ignore[assignment]
@@ -123,20 +126,25 @@ class Request(_Event):
     ``body`` is ``b""`` and ``body_too_large`` is true when the body was over
     ``maxpost`` (it was read and dropped, never held). ``params_overflow`` is the number
     of PARAMS bytes received when they were over ``max_params`` (then ``params`` is empty
-    and the body was dropped too); 0 otherwise.
+    and the body was dropped too); 0 otherwise. ``raw_params`` is the PARAMS stream the
+    params were decoded from, for a decoder on the Lua side (b"" once the server changes
+    ``params``); equality and repr leave it out.
     """
 
-    __slots__ = ("request_id", "keep_conn", "params", "body", "body_too_large",
-                 "params_overflow")
+    _fields = ("request_id", "keep_conn", "params", "body", "body_too_large",
+               "params_overflow")
+    __slots__ = _fields + ("raw_params",)
 
     def __init__(self, request_id: int, keep_conn: bool, params: Dict[bytes, bytes],
-                 body: bytes, body_too_large: bool, params_overflow: int = 0) -> None:
+                 body: bytes, body_too_large: bool, params_overflow: int = 0,
+                 raw_params: bytes = b"") -> None:
         self.request_id = request_id
         self.keep_conn = keep_conn
         self.params = params
         self.body = body
         self.body_too_large = body_too_large
         self.params_overflow = params_overflow
+        self.raw_params = raw_params
 
 
 class Abort(_Event):
@@ -293,7 +301,7 @@ class Connection:
     __slots__ = (
         "_max_conns", "_max_reqs", "_maxpost", "_max_params", "_partial", "_needed",
         "_request_id", "_keep_conn", "_last_id", "_refused",
-        "_params", "_params_ref", "_params_buffer", "_params_overflow",
+        "_params", "_raw_params", "_params_ref", "_params_buffer", "_params_overflow",
         "_body_chunks", "_body_size", "_body_ended",
     )
 
@@ -315,6 +323,7 @@ class Connection:
         """No request is being read: let go of what was held for one."""
         self._request_id = _NO_REQUEST
         self._params: Optional[Dict[bytes, bytes]] = None  # decoded once PARAMS ended
+        self._raw_params = b""  # ... from these bytes
         # PARAMS content still lying in one record of the current input: (data, start, end).
         self._params_ref: Optional[Tuple[bytes, int, int]] = None
         self._params_buffer.clear()
@@ -395,8 +404,10 @@ class Connection:
             self._params_ref = None
             data, start, end = ref
             params = _decode_pairs(data, start, end)
+            self._raw_params = data[start:end]
         else:
-            params = decode_pairs(bytes(self._params_buffer))
+            self._raw_params = bytes(self._params_buffer)
+            params = decode_pairs(self._raw_params)
             self._params_buffer.clear()
         self._params = params
         announced = params.get(b"CONTENT_LENGTH")
@@ -447,7 +458,7 @@ class Connection:
             body = b"".join(chunks)
         assert self._params is not None
         request = Request(self._request_id, self._keep_conn, self._params, body, chunks is None,
-                          self._params_overflow)
+                          self._params_overflow, self._raw_params)
         self._last_id = self._request_id
         self._clear_request()
         return request

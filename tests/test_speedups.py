@@ -1,5 +1,5 @@
-"""The compiled speed-ups (setup.py, luafcgid/lua/fastformat.c) against the pure paths: the
-same output and the same errors, and a worker that says which path it runs.
+"""The compiled speed-ups (setup.py: luafcgid/_speedups.c, luafcgid/lua/speedups.c) against
+the pure paths: the same output and the same errors, and a worker that says which path it runs.
 
 Both paths run here on every machine that can build the speed-ups; where they were not
 built (no C compiler at install) the compiled side is skipped with that reason."""
@@ -24,14 +24,14 @@ from luafcgid import protocol
 from luafcgid.lua import runtime
 from tests.support import Server, fcgi_call, wait_until, workers_of, write_config, write_scripts
 
-PUC_RUNTIMES = sorted(runtime.FASTFORMAT_APIS)
+PUC_RUNTIMES = sorted(runtime.FAST_FORMAT)
 BENCH_PAGE = Path(__file__).resolve().parent.parent / "scripts" / "bench_lua" / "page.lua"
 
 
-def need_fastformat(name: str) -> str:
-    path = runtime._built(f"_fastformat{runtime.FASTFORMAT_APIS[name]}")
+def need_lua_speedups(name: str) -> str:
+    path = runtime.lua_speedups_built(name)
     if path is None:
-        pytest.skip(f"the string.format speed-up for Lua {name} is not built (no C compiler "
+        pytest.skip(f"the Lua speed-ups for Lua {name} are not built (no C compiler "
                     "when luafcgid was installed): only the pure path runs here")
     return path
 
@@ -160,7 +160,7 @@ def test_fastformat_answers_as_lua_own_string_format(name: str) -> None:
     """Thousands of random formats and arguments (every conversion, flags, widths,
     precisions, too few arguments, every argument type): the compiled string.format and
     Lua's own give the same string, or raise the same message."""
-    path = need_fastformat(name)
+    path = need_lua_speedups(name)
     cases = random_cases(seed=17, count=3000)
     done = subprocess.run([sys.executable, "-c", COMPARE, name, path], input=json.dumps(cases),
                           capture_output=True, text=True, timeout=120)
@@ -177,10 +177,33 @@ def test_fastformat_answers_as_lua_own_string_format(name: str) -> None:
 # --- a worker says which path it runs, and both serve the same page -------------------------------
 
 
+ENV_SCRIPT = """
+function main(env, con)
+    local names = {}
+    for name in pairs(env) do names[#names + 1] = name end
+    table.sort(names)
+    for _, name in ipairs(names) do con:puts(name .. "=" .. env[name] .. "\\n") end
+end
+"""
+# What hook the handler runs under: none with the compiled watchdog (until a deadline), a
+# count hook (mask "", count 1000) on the pure path.
+HOOK_SCRIPT = """
+function main(env, con)
+    local hook, mask, count = debug.gethook()
+    con:puts(type(hook) .. " " .. tostring(mask) .. " " .. tostring(count))
+end
+"""
+# Lengths on both sides of 127 (one-byte and four-byte lengths), empty and binary values.
+ODD_PARAMS = {"HTTP_X_" + "N" * 200: "v" * 300, "HTTP_X_EMPTY": "", "HTTP_X_BYTES": "\x01\x7f\xff",
+              "QUERY_STRING": "a=1&b=%20"}
+
+
 def serve_page(tmp_path: Path, name: str, pure: bool, monkeypatch: pytest.MonkeyPatch):
     docroot = write_scripts(tmp_path / "www", {
         "page.lua": BENCH_PAGE.read_text(),
         "bad.lua": 'function main(env, con) con:puts(string.format("%d", "x")) end',
+        "env.lua": ENV_SCRIPT,
+        "hook.lua": HOOK_SCRIPT,
     })
     listen = str(tmp_path / "fcgi.sock")
     config = write_config(tmp_path / "config.lua", listen=listen, lua=name, processes=1,
@@ -195,10 +218,14 @@ def serve_page(tmp_path: Path, name: str, pure: bool, monkeypatch: pytest.Monkey
         page = fcgi_call(listen, params)
         params["SCRIPT_FILENAME"] = str(docroot / "bad.lua")
         bad = fcgi_call(listen, params)
+        params.update(ODD_PARAMS, SCRIPT_FILENAME=str(docroot / "env.lua"))
+        env = fcgi_call(listen, params)
+        params["SCRIPT_FILENAME"] = str(docroot / "hook.lua")
+        hook = fcgi_call(listen, params)
         (worker,) = workers_of(server.pid)
         maps = Path(f"/proc/{worker}/maps").read_text()
         wait_until(lambda: "bad.lua" in server.output(), what="the error's log line")
-        return page, bad, maps, server.output()
+        return page, bad, maps, server.output(), env, hook
     finally:
         server.stop()
 
@@ -208,16 +235,23 @@ def test_worker_runs_the_compiled_path_and_the_pure_one_alike(
         tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The start log names the path; a worker maps the speed-up only on the compiled path;
     the page's bytes and a format error's log line are the same on both."""
-    path = need_fastformat(name)
+    path = need_lua_speedups(name)
     fast = serve_page(tmp_path / "fast", name, False, monkeypatch)
     pure = serve_page(tmp_path / "pure", name, True, monkeypatch)
-    assert f"compiled speed-ups: PARAMS decoding, string.format for Lua {name}" in fast[3]
+    assert (f"compiled speed-ups: PARAMS decoding, PARAMS into Lua, string.format for Lua {name}"
+            in fast[3])
     assert "compiled speed-ups: off (LUAFCGID_PURE is set)" in pure[3]
     for built in (path, compiled_protocol().__file__):
         assert os.path.basename(built) in fast[2]
         assert os.path.basename(built) not in pure[2]
     assert fast[0] == pure[0] and b"Grace Hopper" in fast[0] and fast[0].startswith(b"Status: 200")
     assert fast[1].startswith(b"Status: 500") and pure[1].startswith(b"Status: 500")
+    # the same env, but for the two sites' own directories
+    assert fast[4].replace(b"/fast/", b"/pure/") == pure[4]
+    assert ("HTTP_X_" + "N" * 200 + "=" + "v" * 300).encode() in fast[4]
+    assert b"HTTP_X_EMPTY=\n" in fast[4]
+    assert fast[5].split(b"\r\n\r\n")[1] in (b"nil nil nil", b"nil  0")  # 5.4, 5.1: no hook
+    assert pure[5].endswith(b"\r\n\r\nfunction  1000")
     message = "bad.lua:1: bad argument #2 to 'format' (number expected, got string)"
     assert message in fast[3] and message in pure[3]
 
@@ -225,7 +259,6 @@ def test_worker_runs_the_compiled_path_and_the_pure_one_alike(
 def test_luajit_keeps_its_own_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """LuaJIT's string.format is compiled by its JIT: the start log says none is used."""
     fast = serve_page(tmp_path, "luajit", False, monkeypatch)
-    assert ("compiled speed-ups: PARAMS decoding (lua = 'luajit' keeps its own "
-            "string.format)") in fast[3]
-    assert "_fastformat" not in fast[2]
+    assert ("compiled speed-ups: PARAMS decoding, PARAMS into Lua (lua = 'luajit' keeps its "
+            "own string.format)") in fast[3]
     assert b"Grace Hopper" in fast[0]

@@ -46,16 +46,21 @@ local report_slow = options.slow     -- Python: (uri, elapsed, traceback) to the
 python = nil
 package.loaded.python = nil
 
--- The compiled string.format (runtime.py, "compiled speed-ups"): in place before any
--- script code takes its own local copy of string.format.
-if options.fastformat then
-    local open, message = package.loadlib(options.fastformat, "luaopen_luafcgid_fastformat")
-    if open then
-        string.format = open(string.format)
-    else
-        warn_line("the compiled string.format did not load (" .. tostring(message)
-            .. "): Lua's own is used")
+-- The compiled speed-ups (runtime.py, speedups.c): string.format in place before any
+-- script code takes its own local copy of it, and the PARAMS decoder run() uses.
+local function open_speedup(name)
+    local loaded, message = package.loadlib(options.speedups, "luaopen_luafcgid_" .. name)
+    if not loaded then  -- the worker opened the library already: not expected
+        error("the compiled speed-ups did not load: " .. tostring(message), 0)
     end
+    return loaded
+end
+local decode_params
+if options.speedups then
+    if options.fast_format then
+        string.format = open_speedup("fastformat")(string.format)
+    end
+    decode_params = open_speedup("params")()
 end
 
 -- A script can never end its worker.
@@ -673,6 +678,17 @@ local function disarm()
     deadline, slow_at, check_from = huge, huge, huge
 end
 
+-- The compiled watchdog (speedups.c): a request's main thread runs with no hook until its
+-- first moment to look (slow log or timeout) has passed. Coroutines keep the count hook.
+local c_arm, c_disarm, rearm
+local c_armed = false  -- a request's main thread is under it (not the load: count hook)
+
+local coroutine_running = coroutine.running
+local function on_main_thread()
+    local co, main = coroutine_running()
+    return co == nil or main == true  -- 5.1 answers nil on the main thread
+end
+
 local function watchdog()
     if timed_out then
         if getinfo(2, "S").source ~= prelude_source then
@@ -681,6 +697,9 @@ local function watchdog()
         return
     end
     if os_time() < check_from then
+        if c_armed and on_main_thread() then  -- woken early: look again later
+            rearm(clock())
+        end
         return
     end
     local now = clock()
@@ -698,6 +717,22 @@ local function watchdog()
         slow_at = huge
         check_from = floor(deadline)
         report_slow(request_uri, now - started, script_frames(traceback("", 2):sub(2)))
+    end
+    if c_armed and on_main_thread() then
+        rearm(now)
+    end
+end
+
+if options.speedups and options.fast_watchdog and hook_count > 0 then
+    c_arm, c_disarm = open_speedup("watchdog")(watchdog)
+end
+
+-- No hook again until the next moment to look; the count hook if the watchdog has no room.
+rearm = function(now)
+    sethook()
+    if deadline < huge and not c_arm((deadline < slow_at and deadline or slow_at) - now) then
+        c_armed = false
+        sethook(watchdog, "", hook_count)
     end
 end
 
@@ -754,6 +789,9 @@ local function failure(message)
 end
 
 local function run(env, request, thread, start)
+    if decode_params and type(env) == "string" then  -- PARAMS as received (state.py)
+        env = decode_params(env)
+    end
     arm(start, env.REQUEST_URI)
     request_started = start
     body_count, header_count = 0, 0
@@ -776,8 +814,15 @@ local function run(env, request, thread, start)
             .. ", not a function", ""
     end
     request_body, body_unread, handler, handler_env = request, true, found, env
-    watch()
+    c_armed = c_arm and c_arm((deadline < slow_at and deadline or slow_at) - start) and true
+    if not c_armed then
+        watch()
+    end
     local ok, message = xpcall(call_handler, on_error)
+    if c_armed then
+        c_armed = false
+        c_disarm()  -- first: a signal still on its way then sets no hook after sethook()
+    end
     sethook()
     disarm()
     request_body, handler, handler_env = nil, nil, nil

@@ -22,13 +22,14 @@ environment's ``LUA_PATH_5_4``/``LUA_PATH`` (and ``LUA_CPATH...``) as ``lua.c`` 
 them. Entries relative to the current directory (``./?.lua``) are never searched: a worker's
 current directory means nothing to a script.
 
-Compiled speed-ups (:func:`speedups`). ``fastformat.c``, built by ``setup.py`` for each PUC
-Lua C API when a C compiler is there, is a ``string.format`` that does the common
-conversions itself and hands every other call to Lua's own. A worker process opens it
-right after :func:`link_globally`, before it drops privileges (the package may be readable
-by root only); its states then load it by the same path, which the dynamic loader finds
-open already, and the prelude puts it in place of ``string.format`` before the script
-loads. ``LUAFCGID_PURE=1`` in the environment turns it off (CI runs the tests both ways).
+Compiled speed-ups (:func:`speedups`). ``speedups.c``, built by ``setup.py`` for each Lua
+C API when a C compiler is there, holds a ``string.format`` that does the common
+conversions itself and hands every other call to Lua's own (PUC Lua only: LuaJIT's is
+compiled by its JIT), and a decoder of the request's PARAMS into its env table. A worker
+process opens it right after :func:`link_globally`, before it drops privileges (the
+package may be readable by root only); its states then load it by the same path, which
+the dynamic loader finds open already. ``LUAFCGID_PURE=1`` in the environment turns it
+off (CI runs the tests both ways).
 """
 
 from __future__ import annotations
@@ -66,9 +67,11 @@ MULTIARCH: Optional[str] = sysconfig.get_config_var("MULTIARCH") or None
 _global_runtime: Optional[str] = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# The ``lua`` setting → the C API its string.format speed-up is built for (setup.py).
-# LuaJIT has none: its own format is compiled by its JIT, and a C function would stop traces.
-FASTFORMAT_APIS: Dict[str, str] = {"5.1": "51", "5.3": "53", "5.4": "54"}
+# The ``lua`` setting → the C API its speed-ups are built for (setup.py): LuaJIT has 5.1's.
+SPEEDUP_APIS: Dict[str, str] = {"5.1": "51", "luajit": "51", "5.3": "53", "5.4": "54"}
+# The runtimes whose string.format is replaced: not LuaJIT, whose own is compiled by its
+# JIT (a C function there would end the trace).
+FAST_FORMAT = ("5.1", "5.3", "5.4")
 # Set in the environment, the compiled speed-ups are not used.
 PURE_VARIABLE = "LUAFCGID_PURE"
 # The speed-ups this process opened (link_globally): name → path; the handles stay open.
@@ -124,11 +127,11 @@ def _built(stem: str) -> Optional[str]:
 def _open_speedups(name: str) -> None:
     """Open the speed-ups for Lua ``name`` now (their Lua symbols resolve against the
     runtime just made global), while this process may still read the package's files."""
-    path = fastformat_built(name)
+    path = lua_speedups_built(name)
     if path is None or os.environ.get(PURE_VARIABLE):
         return
     _speedup_handles.append(ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_LOCAL))
-    _speedups["fastformat"] = path
+    _speedups["lua"] = path
 
 
 def speedups() -> Dict[str, str]:
@@ -136,10 +139,10 @@ def speedups() -> Dict[str, str]:
     return dict(_speedups)
 
 
-def fastformat_built(name: str) -> Optional[str]:
-    """The string.format speed-up built for Lua ``name`` (None: none for it, or not built)."""
-    api = FASTFORMAT_APIS.get(name)
-    return _built(f"_fastformat{api}") if api else None
+def lua_speedups_built(name: str) -> Optional[str]:
+    """The Lua speed-ups built for Lua ``name`` (None: none for it, or not built)."""
+    api = SPEEDUP_APIS.get(name)
+    return _built(f"_speedups{api}") if api else None
 
 
 class _OtherRuntimesRefused(importlib.abc.MetaPathFinder):

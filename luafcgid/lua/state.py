@@ -175,9 +175,15 @@ class Blueprint:
             self.options[b"slowlog_timeout"] = settings.slowlog_timeout
             slowlog.open_log(settings.slowlog)
         self.options[b"headers"] = settings.headers
-        fastformat = lua_runtime.speedups().get("fastformat")
-        if self.c_modules and fastformat and settings.lua in lua_runtime.FASTFORMAT_APIS:
-            self.options[b"fastformat"] = os.fsencode(fastformat)
+        # The compiled speed-ups, opened by this worker process (runtime.py): with them
+        # requests pass their PARAMS as received, decoded into the env table in C.
+        speedups = lua_runtime.speedups().get("lua") if self.c_modules else None
+        self.raw_params = speedups is not None
+        if speedups:
+            self.options[b"speedups"] = os.fsencode(speedups)
+            self.options[b"fast_format"] = settings.lua in lua_runtime.FAST_FORMAT
+            # PUC Lua: LuaJIT never runs hooks in compiled code and keeps the count hook
+            self.options[b"fast_watchdog"] = settings.lua in lua_runtime.FAST_FORMAT
         if not self.c_modules:
             self.options[b"no_c_modules"] = (
                 f"no C modules in this process: only a worker process links them "
@@ -242,7 +248,7 @@ class State:
     """
 
     __slots__ = ("script", "number", "hits", "last_used", "transient", "stale", "files",
-                 "started", "_runtime", "_run", "_table_from", "_outlet", "_lua_error",
+                 "started", "_runtime", "_run", "_table_from", "_raw", "_outlet", "_lua_error",
                  "_memory_error")
 
     def __init__(self, blueprint: Blueprint, script: str, docroot: DocRoot, number: int,
@@ -272,6 +278,7 @@ class State:
             unpack_returned_tuples=True, max_memory=blueprint.max_memory,
             attribute_filter=_no_attributes)
         self._table_from = runtime.table_from
+        self._raw = blueprint.raw_params  # the prelude decodes PARAMS as received
         options = dict(blueprint.options)
         options.update({
             b"script": os.fsencode(script),
@@ -299,17 +306,22 @@ class State:
         self._run = result[1]
 
     def run(self, params: dict, body: bytes, sink: Callable[[bytes], None],
-            thread_number: int) -> bytes:
+            thread_number: int, raw_params: bytes = b"") -> bytes:
         """Call the handler once. Returns the CGI output still to send: head + body when
         nothing was flushed (buffered mode: with Content-Length), or what remains after
         the last flush. ``sink(data)`` receives CGI output sent early: on con:flush(), and
         on every con:puts when buffering is off. Raises :class:`ScriptError`, or what the
-        sink raised (the handler is stopped at its next output)."""
+        sink raised (the handler is stopped at its next output). ``raw_params``: the same
+        params as the web server sent them (protocol.Request.raw_params), for the compiled
+        decoder."""
         outlet = self._outlet
         outlet.sink = sink
         self.started = started = time.time()
         try:
-            result = self._run(self._table_from(params), body, thread_number, started)
+            # PARAMS as received, when the compiled decoder can make the env table of them
+            # (raw_params is b"" when the server changed params): no dict conversion.
+            env = raw_params if raw_params and self._raw else self._table_from(params)
+            result = self._run(env, body, thread_number, started)
         except self._lua_error as error:  # raised outside the handler's xpcall (out of
             result = error                # memory, a timeout in the prelude): do not reuse
             self.stale = True             # a state left half-way through a request
