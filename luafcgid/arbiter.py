@@ -57,7 +57,7 @@ from luafcgid.config import Settings
 from luafcgid.log import log
 from luafcgid.lua import slowlog
 from luafcgid.pidfile import Pidfile, PidfileError
-from luafcgid.status import remove_status_file, status_path
+from luafcgid.status import remove_status_file, write_snapshot
 from luafcgid.workers.threaded import ThreadWorker
 
 MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
@@ -801,14 +801,7 @@ class Arbiter:
                   "threads": settings.workers, "backlog": settings.backlog,
                   "graceful_timeout": settings.graceful_timeout,
                   "reload": self.reload_status}
-        path = status_path(self.pidfile.path)
-        temporary = path + ".tmp"
-        try:
-            with open(temporary, "w") as file:
-                json.dump(status, file)
-            os.replace(temporary, path)
-        except OSError as error:
-            log.warning("cannot write the status file %s: %s", path, error.strerror)
+        write_snapshot(self.pidfile.path, status)
 
     def clean_up(self) -> None:
         """Whatever ended the loop: no worker, socket file, pidfile or status file left."""
