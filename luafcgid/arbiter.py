@@ -456,10 +456,10 @@ class Arbiter:
         """Make the SQLite file's directory, owned by the workers' user: SQLite creates its
         -wal and -shm files beside the database. (check_settings imported the store's
         modules already.)"""
-        store = self.settings.session_store
-        if not store.startswith("sqlite:"):
+        path = sessions.sqlite_path(self.settings.session_store)
+        if path is None:
             return
-        directory = os.path.dirname(store[len("sqlite:"):])
+        directory = os.path.dirname(path)
         try:
             if not os.path.isdir(directory):
                 os.mkdir(directory, 0o700)  # not its parents: a missing parent is a typo
