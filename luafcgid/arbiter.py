@@ -51,7 +51,7 @@ from typing import Deque, Dict, List, Optional, Tuple
 import psutil
 from setproctitle import setproctitle
 
-from luafcgid import __version__, config, privileges, sessions, sock
+from luafcgid import __version__, config, privileges, sessions, signals, sock
 from luafcgid import log as logging_setup
 from luafcgid.config import Settings
 from luafcgid.log import log
@@ -196,14 +196,9 @@ class Arbiter:
         return self.exit_code
 
     def init_signals(self) -> None:
-        self.signal_read_fd, self.signal_write_fd = os.pipe()
-        for fd in (self.signal_read_fd, self.signal_write_fd):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(self.signal_write_fd, warn_on_full_buffer=False)
-        for signum in MASTER_SIGNALS:
-            signal.signal(signum, note_signal)
-        # Not a master signal: it must not end the master the way its default would.
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        # SIGUSR2 is not a master signal: it must not end the master the way its default would.
+        self.signal_read_fd, self.signal_write_fd = signals.open_signal_pipe(
+            MASTER_SIGNALS, ignored=(signal.SIGUSR2,))
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -262,10 +257,7 @@ class Arbiter:
         return max(0.0, min(due) - now)
 
     def read_signals(self) -> None:
-        try:
-            self.signal_queue.extend(os.read(self.signal_read_fd, 4096))
-        except BlockingIOError:
-            pass
+        self.signal_queue.extend(signals.read_signals(self.signal_read_fd))
 
     # -- signals --------------------------------------------------------------------------
 
@@ -925,10 +917,6 @@ def worker_owner(config_path: str, settings: Settings) -> Optional[Tuple[int, in
     if account.pw_uid == 0 and not settings.group:
         return None
     return account.pw_uid, gid, account.pw_name
-
-
-def note_signal(signum: int, frame: object) -> None:
-    """Nothing to do here: set_wakeup_fd already queued the signal for the loop."""
 
 
 def send(pid: int, signum: int) -> None:
