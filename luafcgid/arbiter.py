@@ -51,14 +51,14 @@ from typing import Deque, Dict, List, Optional, Tuple
 import psutil
 from setproctitle import setproctitle
 
-from luafcgid import __version__, config, privileges, sessions, sock
+from luafcgid import __version__, config, privileges, sessions, signals, sock
 from luafcgid import log as logging_setup
 from luafcgid.app import prepare_worker_process, speedups_line
 from luafcgid.config import Settings
 from luafcgid.log import log
 from luafcgid.lua import slowlog
 from luafcgid.pidfile import Pidfile, PidfileError
-from luafcgid.status import remove_status_file, status_path
+from luafcgid.status import remove_status_file, write_snapshot
 from luafcgid.workers.threaded import ThreadWorker
 
 MASTER_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1,
@@ -198,14 +198,9 @@ class Arbiter:
         return self.exit_code
 
     def init_signals(self) -> None:
-        self.signal_read_fd, self.signal_write_fd = os.pipe()
-        for fd in (self.signal_read_fd, self.signal_write_fd):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(self.signal_write_fd, warn_on_full_buffer=False)
-        for signum in MASTER_SIGNALS:
-            signal.signal(signum, note_signal)
-        # Not a master signal: it must not end the master the way its default would.
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        # SIGUSR2 is not a master signal: it must not end the master the way its default would.
+        self.signal_read_fd, self.signal_write_fd = signals.open_signal_pipe(
+            MASTER_SIGNALS, ignored=(signal.SIGUSR2,))
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -264,10 +259,7 @@ class Arbiter:
         return max(0.0, min(due) - now)
 
     def read_signals(self) -> None:
-        try:
-            self.signal_queue.extend(os.read(self.signal_read_fd, 4096))
-        except BlockingIOError:
-            pass
+        self.signal_queue.extend(signals.read_signals(self.signal_read_fd))
 
     # -- signals --------------------------------------------------------------------------
 
@@ -458,10 +450,10 @@ class Arbiter:
         """Make the SQLite file's directory, owned by the workers' user: SQLite creates its
         -wal and -shm files beside the database. (check_settings imported the store's
         modules already.)"""
-        store = self.settings.session_store
-        if not store.startswith("sqlite:"):
+        path = sessions.sqlite_path(self.settings.session_store)
+        if path is None:
             return
-        directory = os.path.dirname(store[len("sqlite:"):])
+        directory = os.path.dirname(path)
         try:
             if not os.path.isdir(directory):
                 os.mkdir(directory, 0o700)  # not its parents: a missing parent is a typo
@@ -806,14 +798,7 @@ class Arbiter:
                   "threads": settings.workers, "backlog": settings.backlog,
                   "graceful_timeout": settings.graceful_timeout,
                   "reload": self.reload_status}
-        path = status_path(self.pidfile.path)
-        temporary = path + ".tmp"
-        try:
-            with open(temporary, "w") as file:
-                json.dump(status, file)
-            os.replace(temporary, path)
-        except OSError as error:
-            log.warning("cannot write the status file %s: %s", path, error.strerror)
+        write_snapshot(self.pidfile.path, status)
 
     def clean_up(self) -> None:
         """Whatever ended the loop: no worker, socket file, pidfile or status file left."""
@@ -937,10 +922,6 @@ def worker_owner(config_path: str, settings: Settings) -> Optional[Tuple[int, in
     if account.pw_uid == 0 and not settings.group:
         return None
     return account.pw_uid, gid, account.pw_name
-
-
-def note_signal(signum: int, frame: object) -> None:
-    """Nothing to do here: set_wakeup_fd already queued the signal for the loop."""
 
 
 def send(pid: int, signum: int) -> None:

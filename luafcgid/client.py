@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -17,7 +16,6 @@ from luafcgid import __version__, protocol
 from luafcgid.sock import tcp_address
 
 REQUEST_ID = 1
-_HEADER = struct.Struct(">BBHHBx")
 # A "listen" address that means every interface is reached on loopback.
 ANY_HOST = {"": "127.0.0.1", "*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
@@ -95,18 +93,10 @@ def connect(address: str, timeout: float) -> socket.socket:
         raise ClientError(f"cannot connect to {address}: {error.strerror or error}") from None
 
 
-def request_bytes(params: Mapping[str, str], body: bytes) -> bytes:
+def request_bytes(params: Mapping[str, str], body: bytes = b"") -> bytes:
     """BEGIN_REQUEST (responder, connection closed after), PARAMS, STDIN."""
-    begin = struct.pack(">HB5x", protocol.RESPONDER, 0)
-    pairs = protocol.encode_pairs((os.fsencode(name), os.fsencode(value))
-                                  for name, value in params.items())
-    records = [protocol.encode_record(protocol.BEGIN_REQUEST, REQUEST_ID, begin)]
-    for kind, data in ((protocol.PARAMS, pairs), (protocol.STDIN, body)):
-        for start in range(0, len(data), protocol.MAX_CONTENT):
-            records.append(protocol.encode_record(kind, REQUEST_ID,
-                                                  data[start:start + protocol.MAX_CONTENT]))
-        records.append(protocol.encode_record(kind, REQUEST_ID))  # end of the stream
-    return b"".join(records)
+    return protocol.request_records(REQUEST_ID, [(os.fsencode(name), os.fsencode(value))
+                                                 for name, value in params.items()], body)
 
 
 def request(address: str, params: Mapping[str, str], body: bytes = b"",
@@ -118,32 +108,27 @@ def request(address: str, params: Mapping[str, str], body: bytes = b"",
             stdout, stderr = read_answer(client)
         except OSError as error:
             raise ClientError(f"{address}: {error.strerror or error}") from None
+        except protocol.ProtocolError as error:
+            raise ClientError(f"{address} does not answer in FastCGI: {error}") from None
     return parse_answer(stdout, stderr)
 
 
 def read_answer(client: socket.socket) -> Tuple[bytes, bytes]:
     """STDOUT and STDERR streams up to END_REQUEST."""
-    buffer = b""
+    reader = protocol.ResponseReader()
     stdout: List[bytes] = []
     stderr: List[bytes] = []
     while True:
-        while len(buffer) >= _HEADER.size:
-            _, kind, _, length, padding = _HEADER.unpack_from(buffer)
-            end = _HEADER.size + length + padding
-            if len(buffer) < end:
-                break
-            content = buffer[_HEADER.size:_HEADER.size + length]
-            buffer = buffer[end:]
-            if kind == protocol.STDOUT:
-                stdout.append(content)
-            elif kind == protocol.STDERR:
-                stderr.append(content)
-            elif kind == protocol.END_REQUEST:
-                return b"".join(stdout), b"".join(stderr)
         chunk = client.recv(65536)
         if not chunk:
             raise ClientError("the server closed the connection before the end of the answer")
-        buffer += chunk
+        for event in reader.receive(chunk):
+            if isinstance(event, protocol.Stdout):
+                stdout.append(event.data)
+            elif isinstance(event, protocol.Stderr):
+                stderr.append(event.data)
+            elif isinstance(event, protocol.EndRequest):
+                return b"".join(stdout), b"".join(stderr)
 
 
 def parse_answer(stdout: bytes, stderr: bytes) -> Answer:

@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import lupa.lua54
 
+from luafcgid import sessions
 from luafcgid.log import DEFAULT_ACCESS_FORMAT, LEVELS, check_access_format, config_notices
 
 
@@ -415,9 +416,10 @@ def session_store(value: Any, config_dir: str) -> str:
     text = one_line(value, config_dir)
     if text == "sqlite":
         return DERIVED
-    if text.startswith("sqlite:") and len(text) > len("sqlite:"):
-        return "sqlite:" + _resolve(text[len("sqlite:"):], config_dir)
-    if text.startswith(("redis://", "rediss://", "unix://")):
+    path = sessions.sqlite_path(text)
+    if path:
+        return sessions.sqlite_url(_resolve(path, config_dir))
+    if text.startswith(sessions.REDIS_SCHEMES):
         return text
     raise Invalid('expected "sqlite", "sqlite:/path/to/sessions.db" or '
                   f'"redis://host:port/db", got "{text}"')
@@ -772,7 +774,8 @@ def _derive(settings: dict, given: dict, path: str) -> None:
         settings["clones"] = settings["states"]
     if settings["session_store"] is DERIVED:
         sessions_dir = os.path.join(os.path.dirname(settings["pidfile"]), SESSION_DIR)
-        settings["session_store"] = "sqlite:" + os.path.join(sessions_dir, "sessions.db")
+        settings["session_store"] = sessions.sqlite_url(os.path.join(sessions_dir,
+                                                                      "sessions.db"))
     if settings["clones"] > settings["states"]:
         name = given["clones"][0]
         raise ConfigError(path, name, f"must be <= states ({settings['states']}), "

@@ -531,3 +531,162 @@ def _exceeds(content_length: bytes, maxpost: int) -> bool:
         return int(content_length) > maxpost
     except ValueError:
         return False
+
+
+# --- the web server's side: requests out, answers in ------------------------------------------
+#
+# What nginx does on its end of the connection, for luafcgid's own client (``luafcgid
+# request``), the tests and the fuzzer: :func:`request_records` encodes a request, and a
+# :class:`ResponseReader` turns the application's records, split anywhere, into events:
+# :class:`Stdout` and :class:`Stderr` data, then :class:`EndRequest` with the application's
+# and the protocol's status. The empty record that ends a stream gives no event (h11 does
+# not report an empty body chunk either). Anything else an application must not send is a
+# ProtocolError, as on the server's side.
+
+
+class Stdout(_Event):
+    """Content of one STDOUT record (never empty)."""
+
+    __slots__ = ("request_id", "data")
+    record_type = STDOUT
+
+    def __init__(self, request_id: int, data: bytes) -> None:
+        self.request_id = request_id
+        self.data = data
+
+
+class Stderr(_Event):
+    """Content of one STDERR record (never empty)."""
+
+    __slots__ = ("request_id", "data")
+    record_type = STDERR
+
+    def __init__(self, request_id: int, data: bytes) -> None:
+        self.request_id = request_id
+        self.data = data
+
+
+class EndRequest(_Event):
+    """END_REQUEST: the request is over (``protocol_status`` REQUEST_COMPLETE when it ran)."""
+
+    __slots__ = ("request_id", "app_status", "protocol_status")
+    record_type = END_REQUEST
+
+    def __init__(self, request_id: int, app_status: int = 0,
+                 protocol_status: int = REQUEST_COMPLETE) -> None:
+        self.request_id = request_id
+        self.app_status = app_status
+        self.protocol_status = protocol_status
+
+
+class Values(_Event):
+    """GET_VALUES_RESULT: the figures the application gave for the names asked."""
+
+    __slots__ = ("values",)
+    record_type = GET_VALUES_RESULT
+    request_id = 0
+
+    def __init__(self, values: Dict[bytes, bytes]) -> None:
+        self.values = values
+
+
+class UnknownType(_Event):
+    """UNKNOWN_TYPE: the application did not know a management record we sent."""
+
+    __slots__ = ("unknown_type",)
+    record_type = UNKNOWN_TYPE
+    request_id = 0
+
+    def __init__(self, unknown_type: int) -> None:
+        self.unknown_type = unknown_type
+
+
+ClientEvent = Union[Stdout, Stderr, EndRequest, Values, UnknownType]
+
+
+def begin_request(request_id: int, keep_conn: bool = False, role: int = RESPONDER) -> bytes:
+    """BEGIN_REQUEST for ``role``; ``keep_conn`` asks the application to keep the connection."""
+    return encode_record(BEGIN_REQUEST, request_id,
+                         _BEGIN_BODY.pack(role, KEEP_CONN if keep_conn else 0))
+
+
+def stream_records(record_type: int, request_id: int, data: bytes,
+                   chunk: int = MAX_CONTENT) -> bytes:
+    """``data`` as records of at most ``chunk`` bytes, then the empty record that ends it."""
+    view = memoryview(data)
+    records = [encode_record(record_type, request_id, view[start:start + chunk])
+               for start in range(0, len(data), chunk)]
+    records.append(encode_record(record_type, request_id))
+    return b"".join(records)
+
+
+def request_records(request_id: int,
+                    params: Union[Dict[bytes, bytes], Iterable[Tuple[bytes, bytes]]],
+                    body: bytes = b"", keep_conn: bool = False, role: int = RESPONDER) -> bytes:
+    """One whole request as nginx sends it: BEGIN_REQUEST, then PARAMS and STDIN, each
+    split at the record limit and ended by an empty record."""
+    pairs = params.items() if isinstance(params, dict) else params
+    return b"".join((begin_request(request_id, keep_conn, role),
+                     stream_records(PARAMS, request_id, encode_pairs(pairs)),
+                     stream_records(STDIN, request_id, body)))
+
+
+class ResponseReader:
+    """The web server's input side of one connection: bytes in, :data:`ClientEvent` out.
+
+    Not tied to one request: on a kept-alive connection the next answer's records follow
+    the last END_REQUEST, and their events carry their request ids.
+    """
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()  # the start of a record not yet complete
+
+    @property
+    def pending(self) -> int:
+        """Bytes held of a record not yet complete (0: the input ended on a record end)."""
+        return len(self._buffer)
+
+    def receive(self, data: bytes) -> List[ClientEvent]:
+        """Feed bytes read from the application, split anywhere; return the events completed."""
+        buffer = self._buffer
+        buffer += data
+        size = len(buffer)
+        events: List[ClientEvent] = []
+        pos = 0
+        while size - pos >= 8:
+            version, record_type, request_id, length, padding = _unpack_header(buffer, pos)
+            if version != VERSION_1:
+                raise ProtocolError(f"unknown FastCGI version {version}")
+            start = pos + 8
+            end = start + length
+            if end + padding > size:
+                break
+            pos = end + padding
+            event = _client_event(record_type, request_id, bytes(buffer[start:end]))
+            if event is not None:
+                events.append(event)
+        del buffer[:pos]
+        return events
+
+
+def _client_event(record_type: int, request_id: int, content: bytes) -> Optional[ClientEvent]:
+    """The event one record from the application makes (None for the end of a stream)."""
+    if record_type == STDOUT:
+        return Stdout(request_id, content) if content else None
+    if record_type == STDERR:
+        return Stderr(request_id, content) if content else None
+    if record_type == END_REQUEST:
+        if len(content) != 8:
+            raise ProtocolError(f"END_REQUEST body of {len(content)} bytes, 8 expected")
+        app_status, protocol_status = _END_BODY.unpack(content)
+        return EndRequest(request_id, app_status, protocol_status)
+    if record_type == GET_VALUES_RESULT and request_id == 0:
+        return Values(decode_pairs(content))
+    if record_type == UNKNOWN_TYPE and request_id == 0:
+        if len(content) != 8:
+            raise ProtocolError(f"UNKNOWN_TYPE body of {len(content)} bytes, 8 expected")
+        return UnknownType(content[0])
+    name = _RECORD_NAMES.get(record_type, f"type {record_type}")
+    raise ProtocolError(f"unexpected {name} record for request {request_id} from the application")

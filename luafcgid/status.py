@@ -1,7 +1,8 @@
 """The pool's figures, as ``luafcgid status`` prints them and ``status_path`` serves them.
 
 Pool-wide figures come from the master's status file (``<pidfile>.status``, rewritten
-each heartbeat, see :meth:`luafcgid.arbiter.Arbiter.write_status`), so they are as of the
+each heartbeat by :func:`write_snapshot`, with what
+:meth:`luafcgid.arbiter.Arbiter.write_status` gives it), so they are as of the
 last heartbeat. A worker answering ``status_path`` knows only itself: :func:`build`
 merges its live figures over its row of the file. :func:`build` is the one place the
 figures are made; :func:`as_text`, :func:`as_json` and :func:`as_openmetrics` only
@@ -23,6 +24,7 @@ import psutil
 
 from luafcgid import __version__
 from luafcgid.config import Settings
+from luafcgid.log import log
 from luafcgid.sock import tcp_address
 
 PROC_NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")
@@ -36,6 +38,19 @@ WORKER_KEYS = ("number", "pid", "state", "rss", "requests", "busy", "states", "s
 def status_path(pidfile: str) -> str:
     """Where the master keeps its figures, next to its pidfile."""
     return pidfile + ".status"
+
+
+def write_snapshot(pidfile: str, snapshot: dict) -> None:
+    """The master's figures into the status file beside ``pidfile``, replaced atomically
+    (a reader never sees half a file); a failure is logged, the master goes on."""
+    path = status_path(pidfile)
+    temporary = path + ".tmp"
+    try:
+        with open(temporary, "w") as file:
+            json.dump(snapshot, file)
+        os.replace(temporary, path)
+    except OSError as error:
+        log.warning("cannot write the status file %s: %s", path, error.strerror)
 
 
 def remove_status_file(pidfile: str) -> None:

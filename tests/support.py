@@ -440,40 +440,27 @@ def fcgi_request_bytes(params: Mapping[str, str], body: bytes = b"", request_id:
     """The records nginx would send for one request."""
     from luafcgid import protocol
 
-    flags = protocol.KEEP_CONN if keep_conn else 0
-    begin = bytes([role >> 8, role & 0xFF, flags, 0, 0, 0, 0, 0])
-    pairs = protocol.encode_pairs((k.encode(), v.encode()) for k, v in params.items())
-    records = [protocol.encode_record(protocol.BEGIN_REQUEST, request_id, begin)]
-    for start in range(0, len(pairs), 65535):
-        records.append(protocol.encode_record(protocol.PARAMS, request_id,
-                                              pairs[start:start + 65535]))
-    records.append(protocol.encode_record(protocol.PARAMS, request_id))
-    for start in range(0, len(body), 65535):
-        records.append(protocol.encode_record(protocol.STDIN, request_id,
-                                              body[start:start + 65535]))
-    records.append(protocol.encode_record(protocol.STDIN, request_id))
-    return b"".join(records)
+    pairs = [(name.encode(), value.encode()) for name, value in params.items()]
+    return protocol.request_records(request_id, pairs, body, keep_conn, role)
 
 
 def read_records(sock: socket.socket, until_end_request: bool = True) -> list:
-    """Read FastCGI records (type, request id, content) until END_REQUEST or end of stream."""
-    buffer = b""
+    """Read the answer as (record type, request id, data) until END_REQUEST or end of stream.
+
+    The records that end a stream are left out, and END_REQUEST's data is b"".
+    """
+    from luafcgid import protocol
+
+    reader = protocol.ResponseReader()
     records = []
     while True:
-        while len(buffer) >= 8:
-            _, kind, rid, length, padding = (buffer[0], buffer[1],
-                                             int.from_bytes(buffer[2:4], "big"),
-                                             int.from_bytes(buffer[4:6], "big"), buffer[6])
-            if len(buffer) < 8 + length + padding:
-                break
-            records.append((kind, rid, buffer[8:8 + length]))
-            buffer = buffer[8 + length + padding:]
-            if until_end_request and kind == 3:
-                return records
         chunk = sock.recv(65536)
         if not chunk:
             return records
-        buffer += chunk
+        for event in reader.receive(chunk):
+            records.append((event.record_type, event.request_id, getattr(event, "data", b"")))
+            if until_end_request and event.record_type == protocol.END_REQUEST:
+                return records
 
 
 def fcgi_call(address: str, params: Mapping[str, str], body: bytes = b"",

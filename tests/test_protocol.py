@@ -16,11 +16,13 @@ from luafcgid.protocol import (
     ProtocolError,
     Reply,
     Request,
+    begin_request,
     decode_pairs,
     encode_pairs,
     encode_record,
     end_request,
     stdout_records,
+    stream_records,
 )
 
 MAXPOST = 1 << 20
@@ -32,20 +34,15 @@ def header(record_type: int, request_id: int, length: int, padding: int) -> byte
 
 
 def begin(request_id: int = 1, role: int = protocol.RESPONDER, keep_conn: bool = False) -> bytes:
-    body = bytes([role >> 8, role & 0xFF, protocol.KEEP_CONN if keep_conn else 0, 0, 0, 0, 0, 0])
-    return encode_record(protocol.BEGIN_REQUEST, request_id, body)
+    return begin_request(request_id, keep_conn, role)
 
 
-def stream(record_type: int, request_id: int, content: bytes, chunk: int = 65535) -> bytes:
-    """``content`` as records of at most ``chunk`` bytes, then the empty record that ends it."""
-    records = [encode_record(record_type, request_id, content[start:start + chunk])
-               for start in range(0, len(content), chunk)]
-    records.append(encode_record(record_type, request_id))
-    return b"".join(records)
+stream = stream_records  # ``content`` as records of at most ``chunk`` bytes, then the end
 
 
 def request_bytes(params: dict, body: bytes = b"", request_id: int = 1, keep_conn: bool = False,
                   params_chunk: int = 65535, body_chunk: int = 65535) -> bytes:
+    """A request with its streams cut into records of the sizes given."""
     return (begin(request_id, keep_conn=keep_conn)
             + stream(protocol.PARAMS, request_id, encode_pairs(params.items()), params_chunk)
             + stream(protocol.STDIN, request_id, body, body_chunk))
@@ -624,3 +621,173 @@ def test_response_records_are_stdout_records_then_end_request(size: int) -> None
     data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     assert protocol.response_records(5, data) == (protocol.stdout_records(5, data)
                                                   + protocol.end_request(5))
+
+
+# --- the web server's side: requests out -----------------------------------------------------
+
+def test_begin_request_names_the_role_and_keep_conn() -> None:
+    assert begin_request(0x0102) == header(protocol.BEGIN_REQUEST, 0x0102, 8, 0) + bytes(
+        [0, 1, 0, 0, 0, 0, 0, 0])
+    assert begin_request(3, keep_conn=True, role=protocol.FILTER) == (
+        header(protocol.BEGIN_REQUEST, 3, 8, 0) + bytes([0, 3, 1, 0, 0, 0, 0, 0]))
+
+
+def test_stream_records_end_with_an_empty_record() -> None:
+    assert stream_records(protocol.STDIN, 1, b"") == header(protocol.STDIN, 1, 0, 0)
+    assert stream_records(protocol.PARAMS, 2, b"abc") == (
+        header(protocol.PARAMS, 2, 3, 5) + b"abc" + b"\0" * 5 + header(protocol.PARAMS, 2, 0, 0))
+
+
+def test_stream_records_split_at_the_record_limit() -> None:
+    data = bytes(range(256)) * 256 + b"tail"  # 65540 bytes: 65535 + 5
+    assert stream_records(protocol.STDIN, 9, data) == (
+        header(protocol.STDIN, 9, 65535, 1) + data[:65535] + b"\0"
+        + header(protocol.STDIN, 9, 5, 3) + data[65535:] + b"\0" * 3
+        + header(protocol.STDIN, 9, 0, 0))
+    assert stream_records(protocol.STDIN, 9, b"abcde", chunk=2) == (
+        header(protocol.STDIN, 9, 2, 6) + b"ab" + b"\0" * 6
+        + header(protocol.STDIN, 9, 2, 6) + b"cd" + b"\0" * 6
+        + header(protocol.STDIN, 9, 1, 7) + b"e" + b"\0" * 7 + header(protocol.STDIN, 9, 0, 0))
+
+
+def test_request_records_is_begin_params_stdin_as_nginx_sends_them() -> None:
+    assert protocol.request_records(1, {b"A": b"bc"}, b"body", keep_conn=True) == (
+        header(protocol.BEGIN_REQUEST, 1, 8, 0) + b"\0\x01\x01\0\0\0\0\0"
+        + header(protocol.PARAMS, 1, 5, 3) + b"\x01\x02Abc\0\0\0"
+        + header(protocol.PARAMS, 1, 0, 0)
+        + header(protocol.STDIN, 1, 4, 4) + b"body\0\0\0\0"
+        + header(protocol.STDIN, 1, 0, 0))
+    # Pairs in order, a repeated name included (a dict cannot hold one).
+    assert protocol.request_records(1, [(b"A", b"1"), (b"A", b"2")]) == (
+        begin_request(1) + stream_records(protocol.PARAMS, 1, b"\x01\x01A1\x01\x01A2")
+        + stream_records(protocol.STDIN, 1, b""))
+
+
+@settings(max_examples=60, deadline=None)
+@given(params_strategy, st.binary(min_size=1, max_size=300), st.booleans(),
+       st.integers(1, 0xFFFF), st.booleans())
+def test_request_records_are_read_back_as_the_request(params: dict, body: bytes,
+                                                      over_a_record: bool, request_id: int,
+                                                      keep_conn: bool) -> None:
+    if over_a_record:
+        body *= 65536 // len(body) + 1
+    data = protocol.request_records(request_id, params, body, keep_conn)
+    assert connection().receive(data) == [Request(request_id, keep_conn, params, body, False)]
+
+
+def test_params_over_the_record_limit_are_split() -> None:
+    params = {b"BIG": b"v" * 70000}
+    data = protocol.request_records(1, params)
+    assert data.count(header(protocol.PARAMS, 1, 65535, 1)) == 1
+    assert connection().receive(data) == [Request(1, False, params, b"", False)]
+
+
+# --- the web server's side: answers in ------------------------------------------------------
+
+def test_response_reader_gives_stdout_then_the_end() -> None:
+    reader = protocol.ResponseReader()
+    events = reader.receive(protocol.response_records(4, b"Status: 200 OK\r\n\r\nhi"))
+    assert events == [protocol.Stdout(4, b"Status: 200 OK\r\n\r\nhi"), protocol.EndRequest(4)]
+    assert reader.pending == 0
+
+
+def test_response_reader_reads_stderr_statuses_and_management_records() -> None:
+    data = (header(protocol.STDERR, 2, 3, 5) + b"oops\0\0\0\0"[:8]
+            + header(protocol.STDERR, 2, 0, 0)
+            + header(protocol.END_REQUEST, 2, 8, 0) + b"\x01\x02\x03\x04\x02\0\0\0"
+            + header(protocol.GET_VALUES_RESULT, 0, 18, 6) + b"\x0f\x01FCGI_MPXS_CONNS0"
+            + b"\0" * 6
+            + header(protocol.UNKNOWN_TYPE, 0, 8, 0) + b"\x0c" + b"\0" * 7)
+    assert protocol.ResponseReader().receive(data) == [
+        protocol.Stderr(2, b"oop"),
+        protocol.EndRequest(2, app_status=0x01020304, protocol_status=protocol.OVERLOADED),
+        protocol.Values({b"FCGI_MPXS_CONNS": b"0"}),
+        protocol.UnknownType(12)]
+
+
+def test_response_reader_holds_a_record_until_it_is_complete() -> None:
+    reader = protocol.ResponseReader()
+    data = stdout_records(1, b"hello")
+    assert reader.receive(data[:7]) == [] and reader.pending == 7
+    assert reader.receive(data[7:12]) == [] and reader.pending == 12
+    assert reader.receive(data[12:]) == [protocol.Stdout(1, b"hello")]
+    assert reader.pending == 0
+
+
+def test_response_reader_reads_on_after_end_request_on_a_kept_connection() -> None:
+    data = protocol.response_records(1, b"one") + protocol.response_records(1, b"two")
+    assert protocol.ResponseReader().receive(data) == [
+        protocol.Stdout(1, b"one"), protocol.EndRequest(1),
+        protocol.Stdout(1, b"two"), protocol.EndRequest(1)]
+
+
+@pytest.mark.parametrize("data, match", [
+    (b"\x02" + end_request(1)[1:], "unknown FastCGI version 2"),
+    (header(protocol.END_REQUEST, 1, 4, 4) + b"\0" * 8, "END_REQUEST body of 4 bytes"),
+    (header(protocol.UNKNOWN_TYPE, 0, 1, 7) + b"\0" * 8, "UNKNOWN_TYPE body of 1 bytes"),
+    (begin_request(1), "unexpected BEGIN_REQUEST record for request 1 from the application"),
+    (encode_record(protocol.GET_VALUES_RESULT, 3), "unexpected GET_VALUES_RESULT record"),
+    (encode_record(200, 1, b"x"), "unexpected type 200 record"),
+])
+def test_response_reader_refuses_what_an_application_must_not_send(data: bytes,
+                                                                   match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        protocol.ResponseReader().receive(data)
+
+
+@st.composite
+def answers(draw: st.DrawFn) -> tuple:
+    """One answer as an application sends it: its bytes and the events they are."""
+    request_id = draw(st.integers(1, 0xFFFF))
+    data, events = [], []
+    for to_stderr, content in draw(st.lists(st.tuples(st.booleans(), st.binary(max_size=40)),
+                                            max_size=6)):
+        kind = protocol.Stderr if to_stderr else protocol.Stdout
+        data.append(encode_record(kind.record_type, request_id, content))
+        if content:
+            events.append(kind(request_id, content))
+    body = draw(st.binary(max_size=300))
+    app_status = draw(st.integers(0, 0xFFFFFFFF))
+    protocol_status = draw(st.sampled_from([protocol.REQUEST_COMPLETE, protocol.OVERLOADED]))
+    data += [stdout_records(request_id, body), end_request(request_id, app_status,
+                                                           protocol_status)]
+    events += [protocol.Stdout(request_id, body)] if body else []
+    events.append(protocol.EndRequest(request_id, app_status, protocol_status))
+    return b"".join(data), events
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(answers(), min_size=1, max_size=3), st.data())
+def test_any_split_of_the_answers_gives_the_same_events(batch: list, data: st.DataObject) -> None:
+    stream_bytes = b"".join(encoded for encoded, _ in batch)
+    expected = [event for _, events in batch for event in events]
+    assert protocol.ResponseReader().receive(stream_bytes) == expected
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream_bytes)), max_size=30)))
+    reader = protocol.ResponseReader()
+    events = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream_bytes)]):
+        events += reader.receive(stream_bytes[start:end])
+    assert events == expected and reader.pending == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(answers(), min_size=1, max_size=3))
+def test_byte_by_byte_answers_give_the_same_events(batch: list) -> None:
+    stream_bytes = b"".join(encoded for encoded, _ in batch)
+    reader = protocol.ResponseReader()
+    events = []
+    for index in range(len(stream_bytes)):
+        events += reader.receive(stream_bytes[index:index + 1])
+    assert events == [event for _, events in batch for event in events]
+    assert reader.pending == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_response_reader_only_protocol_errors_or_events(noise: bytes) -> None:
+    try:
+        events = protocol.ResponseReader().receive(noise)
+    except ProtocolError:
+        return
+    assert all(isinstance(event, (protocol.Stdout, protocol.Stderr, protocol.EndRequest,
+                                  protocol.Values, protocol.UnknownType)) for event in events)

@@ -3,8 +3,9 @@
 The arbiter forks, builds a worker with the already-bound listening socket and
 calls :meth:`Worker.run` in the child. Signals are not acted on inside their
 handlers: ``signal.set_wakeup_fd`` writes each signal number to a pipe that the
-serving loop watches, and the loop calls :meth:`Worker.handle_signal` between
-events — so a heartbeat never interrupts a request half-way.
+serving loop watches (:mod:`luafcgid.signals`, as the master's), and the loop
+calls :meth:`Worker.handle_signal` between events — so a heartbeat never interrupts a
+request half-way.
 
 Signals from the master:
     TERM       graceful stop: stop accepting, finish in-flight requests
@@ -27,6 +28,7 @@ from typing import Optional
 from setproctitle import setproctitle
 
 from luafcgid import log as logging_setup
+from luafcgid import signals
 from luafcgid.app import Application, prepare_worker_process
 from luafcgid.config import Settings
 from luafcgid.log import log
@@ -85,34 +87,17 @@ class Worker:
         raise NotImplementedError
 
     def init_signals(self) -> None:
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
-        os.set_blocking(write_fd, False)
-        self.signal_read_fd = read_fd
-        self.signal_write_fd = write_fd
-        for signum in IGNORED_SIGNALS:
-            signal.signal(signum, signal.SIG_IGN)
-        for signum in HANDLED_SIGNALS:
-            signal.signal(signum, _note_signal)
-            signal.siginterrupt(signum, False)
-        signal.set_wakeup_fd(write_fd)
+        self.signal_read_fd, self.signal_write_fd = signals.open_signal_pipe(
+            HANDLED_SIGNALS, ignored=IGNORED_SIGNALS)
 
     def wake(self) -> None:
         """Wake the serving loop from another thread (a zero byte reads as no signal)."""
-        if self.signal_write_fd < 0:
-            return
-        try:
-            os.write(self.signal_write_fd, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full: the loop is going to wake anyway
+        if self.signal_write_fd >= 0:
+            signals.wake(self.signal_write_fd)
 
     def read_signals(self) -> None:
         """Act on every signal that arrived since the last call (loop thread only)."""
-        try:
-            pending = os.read(self.signal_read_fd, 64)
-        except BlockingIOError:
-            return
-        for signum in pending:
+        for signum in signals.read_signals(self.signal_read_fd, 64):
             self.handle_signal(signum)
 
     def handle_signal(self, signum: int) -> None:
@@ -181,7 +166,3 @@ class Worker:
                      self.number, self.app.requests)
             self.report(retiring=True)
             self.stop(fast=False)
-
-
-def _note_signal(signum: int, frame: object) -> None:
-    """Nothing to do here: set_wakeup_fd already told the loop."""

@@ -17,7 +17,7 @@ Redis by key expiry.
 
 from __future__ import annotations
 
-from typing import Type
+from typing import Optional, Type
 
 from luafcgid.sessions.base import (
     KEY_ALPHABET,
@@ -29,8 +29,22 @@ from luafcgid.sessions.base import (
     new_key,
 )
 
-__all__ = ["KEY_ALPHABET", "Identity", "Store", "StoreError", "Variable", "Weights", "new_key",
-           "open_store", "store_class"]
+__all__ = ["KEY_ALPHABET", "REDIS_SCHEMES", "Identity", "Store", "StoreError", "Variable",
+           "Weights", "new_key", "open_store", "sqlite_path", "sqlite_url", "store_class"]
+
+_SQLITE = "sqlite:"
+# The URL schemes redis-py's Redis.from_url takes.
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def sqlite_url(path: str) -> str:
+    """The store URL of the SQLite file ``path``."""
+    return _SQLITE + path
+
+
+def sqlite_path(url: str) -> Optional[str]:
+    """The file a ``sqlite:PATH`` store URL names (``""`` for none); None for another store."""
+    return url[len(_SQLITE):] if url.startswith(_SQLITE) else None
 
 
 def store_class(url: str) -> Type[Store]:
@@ -39,10 +53,10 @@ def store_class(url: str) -> Type[Store]:
     The master calls this before it forks: a worker that dropped privileges may no
     longer be able to read the Python modules a store needs.
     """
-    if url.startswith("sqlite:"):
+    if sqlite_path(url) is not None:
         from luafcgid.sessions.sqlite import SqliteStore
         return SqliteStore
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(REDIS_SCHEMES):
         try:
             from luafcgid.sessions.redis import RedisStore
         except ImportError as error:
@@ -59,5 +73,5 @@ def open_store(url: str, session_settings: dict) -> Store:
     weights = Weights.from_settings(session_settings)
     key_length = session_settings["SessionKeyLen"]
     cls = store_class(url)
-    target = url[len("sqlite:"):] if url.startswith("sqlite:") else url
-    return cls(target, lifetime, weights, key_length)
+    path = sqlite_path(url)
+    return cls(url if path is None else path, lifetime, weights, key_length)

@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, List, Optional
 
+from luafcgid.sessions import sqlite_url
 from luafcgid.sessions.base import Identity, Store, StoreError, Variable, Weights, new_key
 
 SCHEMA = """
@@ -53,7 +54,7 @@ class SqliteStore(Store):
         # than the read (measured in-process: 91 us against ~20 us per request reading a
         # session; 7 us without Session).
         self.refresh_after = min(REFRESH_AFTER, lifetime / 10)
-        self.name = f"sqlite:{path}"
+        self.name = sqlite_url(path)
         self._local = threading.local()
         self._connections: List[sqlite3.Connection] = []
         self._lock = threading.Lock()
