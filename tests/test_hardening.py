@@ -34,7 +34,7 @@ from tests.support import (
     write_config,
 )
 
-pytestmark = pytest.mark.nginx
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 LOADTEST = Path(__file__).resolve().parent.parent / "scripts" / "loadtest"
 

@@ -20,6 +20,8 @@ from tests.support import (
     wait_until,
 )
 
+pytestmark = pytest.mark.slow
+
 SCRIPTS = {
     "hello.lua": 'function main(env, con) con:header("Content-Type", "text/plain") '
                  'con:puts("Hello, world!") end',

@@ -325,6 +325,7 @@ def running():
 # --- the originals' samples through nginx ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_luafcgid_dumpenv_and_config_run_unchanged(tmp_path, running):
     """luafcgid's examples/dumpenv.lua on its scripts/etc/config.lua: GET lists env (with
     LUAFCGID_VERSION, main.c:67-69) and the parsed query, POST echoes con:gets()."""
@@ -349,6 +350,7 @@ def test_luafcgid_dumpenv_and_config_run_unchanged(tmp_path, running):
     assert reply.header("X-ElapsedTime") is None  # a luafcgid config: no luafcgid2 header
 
 
+@pytest.mark.slow
 def test_luafcgid2_dumpenv_and_config_run_unchanged(tmp_path, running):
     """luafcgid2's examples/dumpenv.lua used to answer 500 on every GET (no global lf). On
     its own config: Env, the GET params through lf.parse, Info, ThreadData, the Config
@@ -384,6 +386,7 @@ def test_luafcgid2_dumpenv_and_config_run_unchanged(tmp_path, running):
         assert key in ignored[0]
 
 
+@pytest.mark.slow
 def test_a_late_header_no_longer_cuts_the_page_off(tmp_path, running):
     """Point 4 through nginx: a header after con:flush() (or with buffering off) used to
     raise, and the client got a truncated 200. The page now completes (request.c:49-69)
@@ -566,6 +569,7 @@ def test_response_table_is_luafcgid2s(make_lua_site):
     assert web.serve(page, {b"QUERY_STRING": b"425"}) == response(body, b"425 Too Early")
 
 
+@pytest.mark.slow
 def test_x_elapsed_time_for_luafcgid2_configs(make_lua_site):
     """Point 9: luafcgid2 sent X-ElapsedTime (ms) after the content type on every answer
     (statepool.cpp:321-338). A config that uses one of luafcgid2's own names is a
@@ -637,6 +641,7 @@ function housekeeping() end        -- luafcgid's manual: a config may define cal
 """
 
 
+@pytest.mark.slow
 def test_extra_globals_start_with_one_warning_on_stderr(tmp_path):
     """The originals read the globals they knew and ignored the others (config.c:57-78,
     settings.cpp:153-184): a config with its own globals and functions starts, and the
@@ -660,6 +665,7 @@ def test_extra_globals_start_with_one_warning_on_stderr(tmp_path):
     assert stopped == 0
 
 
+@pytest.mark.slow
 def test_a_likely_typo_is_still_refused_at_start(tmp_path):
     (tmp_path / "config.lua").write_text(EXTRAS + "wrkers = 4\n")
     result = subprocess.run([sys.executable, "-m", "luafcgid", "start", "-F", "-c",

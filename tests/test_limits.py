@@ -13,7 +13,7 @@ import pytest
 from luafcgid import protocol
 from tests.support import Site, fcgi_call, fcgi_connect, wait_until
 
-pytestmark = pytest.mark.nginx
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
 HEADERS = """
 function main(env, con)

@@ -255,6 +255,7 @@ def test_cookie_settings_and_key_length(make_lua_site_with_sessions):
                         rb"Expires=[^;]+ GMT", cookie), cookie
 
 
+@pytest.mark.slow
 def test_expiry_and_sweep(make_lua_site_with_sessions, tmp_path):
     web = make_lua_site_with_sessions(SessionTime=1)
     browser = Client(web, web.script(PAGE))
@@ -307,6 +308,7 @@ WHOAMI = """
 """
 
 
+@pytest.mark.slow
 def test_sessions_are_shared_by_the_workers_of_a_host(tmp_path):
     pidfile = tmp_path / "run" / "luafcgid.pid"
     pidfile.parent.mkdir()
@@ -332,6 +334,7 @@ def test_sessions_are_shared_by_the_workers_of_a_host(tmp_path):
         assert (sessions_dir / "sessions.db").exists()
 
 
+@pytest.mark.slow
 def test_the_session_dir_belongs_to_the_workers_user():
     if os.geteuid() != 0:
         pytest.skip("needs root to start workers as another user")
@@ -354,6 +357,7 @@ def test_the_session_dir_belongs_to_the_workers_user():
         shutil.rmtree(base)
 
 
+@pytest.mark.slow
 def test_the_heartbeat_sweeps_expired_sessions(tmp_path):
     database = tmp_path / "sessions.db"
     with Site(tmp_path, {"who.lua": WHOAMI}, sweep=200, SessionTime=1,

@@ -19,6 +19,8 @@ import pytest
 from tests.showcase_client import FORM, Visitor, sqlite_driver_missing
 from tests.support import Site, http
 
+pytestmark = pytest.mark.slow
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = ("notes.lua", "notes_db.lua")
 CHROMIUM = "/usr/bin/chromium"

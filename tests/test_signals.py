@@ -22,7 +22,7 @@ from tests.support import (
     write_config,
 )
 
-pytestmark = pytest.mark.nginx
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
 
 HELLO = 'function main(env, con) con:header("Content-Type", "text/plain") con:puts("hello") end'

@@ -15,7 +15,7 @@ from luafcgid import __version__, client, config, status
 from luafcgid.status import listen_queue
 from tests.support import FASTCGI_PARAMS, Server, Site, as_root, free_port, wait_until, write_config
 
-pytestmark = pytest.mark.nginx
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
 HELLO = 'function main(env, con) con:puts("hello") end'
 OPENMETRICS_SAMPLE = re.compile(r'^[a-z_]+(\{worker="\d+"\}|\{version="[^"]+"\})? [0-9.e+]+$')
