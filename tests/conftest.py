@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterator, List
+from pathlib import Path
+from typing import Callable, Iterator, List
 
 import pytest
 
 from luafcgid.log import log
+from tests.lua_site import LuaSite, lua_sites
 
 
 @pytest.fixture
@@ -26,3 +28,10 @@ def log_lines() -> Iterator[List[str]]:
     yield lines
     log.removeHandler(handler)
     log.setLevel(level)
+
+
+@pytest.fixture
+def make_lua_site(tmp_path: Path) -> Iterator[Callable[..., LuaSite]]:
+    """``make_lua_site(lua="5.4", **settings)``: an in-process LuaSite on tmp_path with those
+    settings (no server); closed after the test."""
+    yield from lua_sites(tmp_path)

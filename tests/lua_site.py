@@ -13,8 +13,9 @@ from luafcgid.lua import StateCache
 RUNTIMES = ["5.4", "5.1", "luajit"]
 
 
-class Site:
-    """Scripts in a directory and a cache to run them."""
+class LuaSite:
+    """Scripts in a directory and a state cache to run them in this process: no server,
+    no socket (tests/support.py's Site is the running one)."""
 
     def __init__(self, root: Path, **settings: object) -> None:
         self.root = root
@@ -41,13 +42,13 @@ class Site:
         self.cache.sessions.close()
 
 
-def sites(tmp_path: Path, **defaults: object) -> Iterator[Callable[..., Site]]:
-    """For a fixture: ``make(lua="5.4", **settings)`` makes a Site on tmp_path (settings
-    over ``defaults``); every Site made is closed afterwards."""
-    made: List[Site] = []
+def lua_sites(tmp_path: Path, **defaults: object) -> Iterator[Callable[..., LuaSite]]:
+    """For a fixture: ``make(lua="5.4", **settings)`` makes a LuaSite on tmp_path (settings
+    over ``defaults``); every LuaSite made is closed afterwards."""
+    made: List[LuaSite] = []
 
-    def make(lua: str = "5.4", **settings: object) -> Site:
-        made.append(Site(tmp_path, lua=lua, **{**defaults, **settings}))
+    def make(lua: str = "5.4", **settings: object) -> LuaSite:
+        made.append(LuaSite(tmp_path, lua=lua, **{**defaults, **settings}))
         return made[-1]
 
     yield make

@@ -13,7 +13,7 @@ import pytest
 from luafcgid import config
 from tests.support import Site, wait_until
 
-pytestmark = pytest.mark.nginx
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
 SCRIPTS = {
     "hello.lua": 'function main(env, con) con:puts("hello") end',

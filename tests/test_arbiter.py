@@ -20,6 +20,8 @@ from luafcgid import sock
 from luafcgid.pidfile import Pidfile, PidfileError
 from tests.support import Server, accepts, as_root, fcgi_call, free_port, wait_until, write_config
 
+pytestmark = pytest.mark.slow
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 HELLO = 'function main(env, con) con:puts("hello") end'

@@ -14,7 +14,7 @@ from typing import List, Optional
 import pytest
 
 from luafcgid.lua import ScriptError
-from tests.lua_site import Site, response, sites
+from tests.lua_site import LuaSite, response
 
 RUNTIMES = ["5.4", "5.1", "luajit"]
 
@@ -31,20 +31,14 @@ CHECKS = """
 """
 
 
-@pytest.fixture
-def site(tmp_path):
-    """``site(lua)``: a Site on tmp_path running that Lua."""
-    yield from sites(tmp_path)
-
-
-def run_checks(site: Site, body: str) -> None:
+def run_checks(site: LuaSite, body: str) -> None:
     page = site.script(CHECKS + "function main(env, con)\n" + body + "\ncon:puts('ok')\nend\n")
     assert site.serve(page) == response(b"ok")
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_parse_query(site, lua):
-    run_checks(site(lua), """
+def test_parse_query(make_lua_site, lua):
+    run_checks(make_lua_site(lua), """
         check(luafcgid.parse_query == luafcgid.parse, "one function under two names")
         local form = luafcgid.parse_query("a=1&b=x+y%21&a=2&c&a=3&e%3D=%26")
         check(#form.a == 3 and form.a[1] == "1" and form.a[3] == "3", "repeated names")
@@ -88,8 +82,8 @@ MULTIPART_SCRIPT = """
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_parse_multipart(site, lua):
-    web = site(lua)
+def test_parse_multipart(make_lua_site, lua):
+    web = make_lua_site(lua)
     page = web.script(MULTIPART_SCRIPT)
     binary = bytes(range(256)) + b"\r\n--almost\r\n-"
     body = multipart_body(b"----xYz'()+_,-./:=?", [
@@ -144,8 +138,8 @@ MALFORMED_CONTENT_TYPES = {
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_malformed_multipart_is_a_catchable_error(site, lua):
-    web = site(lua)
+def test_malformed_multipart_is_a_catchable_error(make_lua_site, lua):
+    web = make_lua_site(lua)
     page = web.script(MULTIPART_SCRIPT)
     good = b"--b\r\nContent-Disposition: form-data; name=a\r\n\r\nx\r\n--b--"
     cases = [(body, b"multipart/form-data; boundary=b", message)
@@ -162,8 +156,8 @@ def test_malformed_multipart_is_a_catchable_error(site, lua):
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_cookies(site, lua):
-    run_checks(site(lua), """
+def test_cookies(make_lua_site, lua):
+    run_checks(make_lua_site(lua), """
         local jar = luafcgid.parse_cookies(' sid=abc; theme="dark blue" ;sid=second; flag; e=a=b')
         check(jar.sid == "abc", "the first of a repeated name wins")
         check(jar.theme == "dark blue" and jar.flag == "" and jar.e == "a=b", "values")
@@ -196,8 +190,8 @@ def test_cookies(site, lua):
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_json_encode(site, lua):
-    run_checks(site(lua), """
+def test_json_encode(make_lua_site, lua):
+    run_checks(make_lua_site(lua), """
         local null = luafcgid.json_null
         local enc = luafcgid.json_encode
         check(enc({1, "two", true, false, null}) == '[1,"two",true,false,null]', "array")
@@ -225,8 +219,8 @@ def test_json_encode(site, lua):
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_json_decode(site, lua):
-    run_checks(site(lua), r"""
+def test_json_decode(make_lua_site, lua):
+    run_checks(make_lua_site(lua), r"""
         local null = luafcgid.json_null
         local dec = luafcgid.json_decode
         local v = dec(' {"a": [1, -2.5e1, 0, "x"], "b": null, "c": {}, "d": [], "e": true} ')
@@ -286,8 +280,8 @@ JSON_ROUND_TRIP = """
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_json_round_trips_with_python(site, lua):
-    web = site(lua)
+def test_json_round_trips_with_python(make_lua_site, lua):
+    web = make_lua_site(lua)
     page = web.script(JSON_ROUND_TRIP)
     documents = [
         {"name": "Zoë \u2028 \U0001f600", "tags": ["a", "b"], "n": None, "ok": True,
@@ -306,8 +300,8 @@ def test_json_round_trips_with_python(site, lua):
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_html_escape_and_redirect(site, lua):
-    web = site(lua)
+def test_html_escape_and_redirect(make_lua_site, lua):
+    web = make_lua_site(lua)
     run_checks(web, """
         check(luafcgid.html_escape([[<a href="x?a=1&b='2'">]])
               == "&lt;a href=&quot;x?a=1&amp;b=&#39;2&#39;&quot;&gt;", "escaped")
@@ -334,8 +328,8 @@ def test_html_escape_and_redirect(site, lua):
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_uncaught_errors_leave_the_state_serving(site, lua):
-    web = site(lua)
+def test_uncaught_errors_leave_the_state_serving(make_lua_site, lua):
+    web = make_lua_site(lua)
     page = web.script("""
         local luafcgid = require("luafcgid")
         function main(env, con)
@@ -387,8 +381,8 @@ CON_PAGE = """
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_batteries_on_con(site, lua):
-    web = site(lua)
+def test_batteries_on_con(make_lua_site, lua):
+    web = make_lua_site(lua)
     page = web.script(CON_PAGE)
 
     def serve(what: bytes, params: Optional[dict] = None, body: bytes = b"") -> bytes:

@@ -15,7 +15,7 @@ from tests.support import NGINX
 
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench"
 
-pytestmark = pytest.mark.nginx
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
 
 def test_quick_hello_run_on_luafcgid_reports_requests_and_no_errors(tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ import pytest
 from luafcgid import __version__
 from tests.support import Server, accepts, as_root, fcgi_call, wait_until, write_config
 
+pytestmark = pytest.mark.slow
+
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 

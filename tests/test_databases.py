@@ -17,7 +17,7 @@ import pytest
 from tests.postgres_server import MISSING, PostgresServer, bin_dir
 from tests.support import Site, debian_has, http, wait_until
 
-pytestmark = pytest.mark.nginx
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
 README = Path(__file__).resolve().parent.parent / "README.rst"
 

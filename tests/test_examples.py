@@ -14,6 +14,8 @@ import pytest
 from tests.showcase_client import Visitor, sqlite_driver_missing
 from tests.support import Nginx, Server, free_port, http
 
+pytestmark = pytest.mark.slow
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

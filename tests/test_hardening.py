@@ -34,7 +34,7 @@ from tests.support import (
     write_config,
 )
 
-pytestmark = pytest.mark.nginx
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 LOADTEST = Path(__file__).resolve().parent.parent / "scripts" / "loadtest"
 
@@ -43,7 +43,7 @@ ECHO = 'function main(env, con) con:puts(#(con:gets() or "")) end'
 
 
 @pytest.fixture
-def site(tmp_path: Path):
+def running_site(tmp_path: Path):
     if not Path(NGINX).exists():
         pytest.skip("nginx is not installed")
     with Site(tmp_path, {"hello.lua": HELLO, "echo.lua": ECHO}, workers=2) as running:
@@ -84,10 +84,10 @@ def status_of(output: bytes) -> int:
 
 # --- request limits and slow or broken clients ---------------------------------------------
 
-def test_ten_byte_a_tick_clients_do_not_hold_the_two_lua_threads(site: Site) -> None:
-    workers = wait_until(lambda: worker_pids(site.server), what="a worker")
-    request = fcgi_request_bytes(hello_params(site))
-    slow = [fcgi_connect(site.listen) for _ in range(10)]
+def test_ten_byte_a_tick_clients_do_not_hold_the_two_lua_threads(running_site: Site) -> None:
+    workers = wait_until(lambda: worker_pids(running_site.server), what="a worker")
+    request = fcgi_request_bytes(hello_params(running_site))
+    slow = [fcgi_connect(running_site.listen) for _ in range(10)]
     stop = threading.Event()
 
     def dribble() -> None:
@@ -103,7 +103,7 @@ def test_ten_byte_a_tick_clients_do_not_hold_the_two_lua_threads(site: Site) -> 
         time.sleep(0.5)  # every slow connection has sent a few bytes: a request is begun
         for _ in range(30):
             started = time.monotonic()
-            response = site.get("/hello.lua", timeout=5)
+            response = running_site.get("/hello.lua", timeout=5)
             assert (response.status, response.body) == (200, b"hello")
             assert time.monotonic() - started < 1.0
     finally:
@@ -111,7 +111,7 @@ def test_ten_byte_a_tick_clients_do_not_hold_the_two_lua_threads(site: Site) -> 
         dribbler.join(5)
         for sock in slow:
             sock.close()
-    assert worker_pids(site.server) == workers
+    assert worker_pids(running_site.server) == workers
 
 
 def test_clients_that_never_read_their_answer_do_not_hold_the_lua_threads(tmp_path: Path) -> None:
@@ -144,46 +144,46 @@ BROKEN_STREAMS = {
 }
 
 
-def test_broken_streams_close_only_their_connection(site: Site) -> None:
-    workers = wait_until(lambda: worker_pids(site.server), what="a worker")
-    with RequestLoop(site.port, ["/hello.lua"], lambda r: r.body == b"hello",
+def test_broken_streams_close_only_their_connection(running_site: Site) -> None:
+    workers = wait_until(lambda: worker_pids(running_site.server), what="a worker")
+    with RequestLoop(running_site.port, ["/hello.lua"], lambda r: r.body == b"hello",
                      clients=4) as loop:
         for name, data in BROKEN_STREAMS.items():
-            with fcgi_connect(site.listen, timeout=5) as sock:
+            with fcgi_connect(running_site.listen, timeout=5) as sock:
                 sock.sendall(data)
                 assert closed_unanswered(sock), name
         for _ in range(5):  # truncated in the middle of a record, then the client goes
-            with fcgi_connect(site.listen, timeout=5) as sock:
-                sock.sendall(fcgi_request_bytes(hello_params(site))[:37])
+            with fcgi_connect(running_site.listen, timeout=5) as sock:
+                sock.sendall(fcgi_request_bytes(hello_params(running_site))[:37])
         loop.wait_for(200)
     assert loop.failed == 0, loop.failures
-    assert worker_pids(site.server) == workers
-    closed = wait_until(lambda: site.server.output().count("closing a FastCGI connection")
-                        >= len(BROKEN_STREAMS) and site.server.output(), what="log lines")
+    assert worker_pids(running_site.server) == workers
+    closed = wait_until(lambda: running_site.server.output().count("closing a FastCGI connection")
+                        >= len(BROKEN_STREAMS) and running_site.server.output(), what="log lines")
     assert closed.count("closing a FastCGI connection") == len(BROKEN_STREAMS)
     for reason in ("unknown FastCGI version 2", "unexpected END_REQUEST",
                    "BEGIN_REQUEST body of 3 bytes", "lengths 2147483647 and 1"):
         assert reason in closed
 
 
-def test_a_stream_cut_inside_a_record_is_logged_once(site: Site) -> None:
-    with fcgi_connect(site.listen, timeout=5) as sock:
-        sock.sendall(fcgi_request_bytes(hello_params(site))[:37])
-    wait_until(lambda: "truncated" in site.server.output(), timeout=3,
+def test_a_stream_cut_inside_a_record_is_logged_once(running_site: Site) -> None:
+    with fcgi_connect(running_site.listen, timeout=5) as sock:
+        sock.sendall(fcgi_request_bytes(hello_params(running_site))[:37])
+    wait_until(lambda: "truncated" in running_site.server.output(), timeout=3,
                what="a log line for the truncated stream")
 
 
-def test_a_20_mib_body_is_a_413_without_the_worker_growing(site: Site) -> None:
+def test_a_20_mib_body_is_a_413_without_the_worker_growing(running_site: Site) -> None:
     (worker,) = [psutil.Process(pid) for pid in
-                 wait_until(lambda: worker_pids(site.server), what="a worker")]
-    assert site.get("/echo.lua", method="POST", body=b"x" * 1000).body == b"1000"
+                 wait_until(lambda: worker_pids(running_site.server), what="a worker")]
+    assert running_site.get("/echo.lua", method="POST", body=b"x" * 1000).body == b"1000"
     before = peak_rss(worker.pid)
     for _ in range(2):
-        response = site.get("/echo.lua", method="POST", body=b"x" * (20 << 20), timeout=30)
+        response = running_site.get("/echo.lua", method="POST", body=b"x" * (20 << 20), timeout=30)
         assert response.status == 413
     grown = peak_rss(worker.pid) - before
     assert grown < 4 << 20, f"worker peak RSS grew by {grown / 2**20:.1f} MiB"
-    assert "request body over maxpost" in site.server.output()
+    assert "request body over maxpost" in running_site.server.output()
 
 
 def test_maxpost_0_means_no_limit(tmp_path: Path) -> None:

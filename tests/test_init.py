@@ -16,6 +16,8 @@ import pytest
 
 from tests.support import NGINX, Nginx, Server, accepts, as_root, http, wait_until, write_config
 
+pytestmark = pytest.mark.slow
+
 INIT = Path(__file__).resolve().parent.parent / "init"
 LUAFCGID = str(Path(sys.executable).parent / "luafcgid")
 

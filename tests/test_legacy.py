@@ -23,7 +23,7 @@ from typing import List
 import pytest
 
 from luafcgid import config
-from tests.lua_site import RUNTIMES, response, sites
+from tests.lua_site import RUNTIMES, response
 from tests.support import Nginx, Server, as_root, fcgi_call, http, lua_literal, wait_until
 
 # --- the originals' own files, as they ship ------------------------------------------------
@@ -325,6 +325,7 @@ def running():
 # --- the originals' samples through nginx ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_luafcgid_dumpenv_and_config_run_unchanged(tmp_path, running):
     """luafcgid's examples/dumpenv.lua on its scripts/etc/config.lua: GET lists env (with
     LUAFCGID_VERSION, main.c:67-69) and the parsed query, POST echoes con:gets()."""
@@ -349,6 +350,7 @@ def test_luafcgid_dumpenv_and_config_run_unchanged(tmp_path, running):
     assert reply.header("X-ElapsedTime") is None  # a luafcgid config: no luafcgid2 header
 
 
+@pytest.mark.slow
 def test_luafcgid2_dumpenv_and_config_run_unchanged(tmp_path, running):
     """luafcgid2's examples/dumpenv.lua used to answer 500 on every GET (no global lf). On
     its own config: Env, the GET params through lf.parse, Info, ThreadData, the Config
@@ -384,6 +386,7 @@ def test_luafcgid2_dumpenv_and_config_run_unchanged(tmp_path, running):
         assert key in ignored[0]
 
 
+@pytest.mark.slow
 def test_a_late_header_no_longer_cuts_the_page_off(tmp_path, running):
     """Point 4 through nginx: a header after con:flush() (or with buffering off) used to
     raise, and the client got a truncated 200. The page now completes (request.c:49-69)
@@ -408,17 +411,12 @@ def test_a_late_header_no_longer_cuts_the_page_off(tmp_path, running):
 # --- the points, in a Lua state --------------------------------------------------------------
 
 
-@pytest.fixture
-def site(tmp_path):
-    yield from sites(tmp_path)
-
-
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_luafcgid2_globals_lf_and_local_config(site, lua):
+def test_luafcgid2_globals_lf_and_local_config(make_lua_site, lua):
     """Point 1: luafcgid2's header chunk defines LUAFCGID, LUAFCGID_VERSION and lf in every
     state (settings.cpp:10-17); LocalConfig is Config[SERVER_NAME] per request
     (settings.cpp:139-150, statepool.cpp:265-276), nil when there is none."""
-    web = site(lua=lua, Config={"a.example": {"greeting": "hello a"}, "other": 1})
+    web = make_lua_site(lua=lua, Config={"a.example": {"greeting": "hello a"}, "other": 1})
     page = web.script("""
         function main()
             Send(tostring(LUAFCGID) .. " " .. LUAFCGID_VERSION .. " ")
@@ -435,10 +433,10 @@ def test_luafcgid2_globals_lf_and_local_config(site, lua):
     assert web.serve(page) == response(b"true 2 x y|1|1|a+b|a b|{1} none")
 
 
-def test_lf_is_usable_before_and_after_a_script_writes_to_it(site):
+def test_lf_is_usable_before_and_after_a_script_writes_to_it(make_lua_site):
     """lf fills itself at its first read or pairs(): a script may add its own helpers
     first, and they stay."""
-    web = site()
+    web = make_lua_site()
     page = web.script("""
         function lf.shout(s) return s:upper() end
         function main()
@@ -450,9 +448,9 @@ def test_lf_is_usable_before_and_after_a_script_writes_to_it(site):
     assert web.serve(page) == response(b"A B true")
 
 
-def test_env_carries_luafcgid_version(site):
+def test_env_carries_luafcgid_version(make_lua_site):
     """Point 2: luafcgid puts LUAFCGID_VERSION (1, main.h:4) in every env (main.c:67-69)."""
-    web = site()
+    web = make_lua_site()
     page = web.script("""
         function main(env, con)
             con:puts(math.type and math.type(env.LUAFCGID_VERSION) or type(env.LUAFCGID_VERSION))
@@ -462,7 +460,8 @@ def test_env_carries_luafcgid_version(site):
     assert web.serve(page) == response(b"integer 1 2")
 
 
-def test_relative_file_names_resolve_against_the_script_directory(site, tmp_path, monkeypatch):
+def test_relative_file_names_resolve_against_the_script_directory(make_lua_site, tmp_path,
+                                                                  monkeypatch):
     """Point 6: luafcgid chdir()ed to the script's directory before each request
     (main.c:296-303). Two scripts in two directories, the process's working directory a
     third with decoys: each script sees its own files, without any chdir."""
@@ -471,7 +470,7 @@ def test_relative_file_names_resolve_against_the_script_directory(site, tmp_path
     for name in ("data.txt", "inc.lua"):
         (elsewhere / name).write_text("return 'wrong'" if name.endswith(".lua") else "wrong")
     monkeypatch.chdir(elsewhere)
-    web = site()
+    web = make_lua_site()
     source = """
         function main(env, con)
             local f = assert(io.open("data.txt"))
@@ -505,12 +504,12 @@ def test_relative_file_names_resolve_against_the_script_directory(site, tmp_path
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_luafcgid_module_behaves_as_the_original(site, lua):
+def test_luafcgid_module_behaves_as_the_original(make_lua_site, lua):
     """Point 7, from luafcgid.lua: urlencode escapes all but [A-Za-z0-9 ] (then " " → "+",
     lines 29-36) and passes nil and "" through, urldecode(nil) is nil (39-46), a pair's
     value ends at the next "=" (pattern "([^=]*)=([^=]*)", line 51), serialize gives ""
     for what it has no literal for (lines 5-26)."""
-    web = site(lua=lua)
+    web = make_lua_site(lua=lua)
     page = web.script("""
         local luafcgid = require("luafcgid")
         function main(env, con)
@@ -527,10 +526,10 @@ def test_luafcgid_module_behaves_as_the_original(site, lua):
         b"nil||Az09+%2D%5F%2E%7E%2A%21%27%28%29%2F%3F%26%3D%25%2B|nil|A %4|1||4|[]|[]|[]")
 
 
-def test_response_table_is_luafcgid2s(site):
+def test_response_table_is_luafcgid2s(make_lua_site):
     """Point 8: Response as settings.cpp:19-26 has it, every code and phrase, no more;
     con:status takes its phrase from there, and Python's for the codes it lacks."""
-    web = site()
+    web = make_lua_site()
     page = web.script("""
         function main()
             local lines = {}
@@ -570,7 +569,8 @@ def test_response_table_is_luafcgid2s(site):
     assert web.serve(page, {b"QUERY_STRING": b"425"}) == response(body, b"425 Too Early")
 
 
-def test_x_elapsed_time_for_luafcgid2_configs(site):
+@pytest.mark.slow
+def test_x_elapsed_time_for_luafcgid2_configs(make_lua_site):
     """Point 9: luafcgid2 sent X-ElapsedTime (ms) after the content type on every answer
     (statepool.cpp:321-338). A config that uses one of luafcgid2's own names is a
     luafcgid2 config and turns elapsed_time_header on; set it to choose."""
@@ -587,21 +587,21 @@ def test_x_elapsed_time_for_luafcgid2_configs(site):
             con:puts("done")
         end
     """
-    web = site(WorkerThreads=2, DefaultHeaders="X-A: 1")
+    web = make_lua_site(WorkerThreads=2, DefaultHeaders="X-A: 1")
     served = web.serve(web.script(source))
     found = re.fullmatch(rb"Status: 200 OK\r\nContent-Type: text/html\r\nX-ElapsedTime: (\d+)"
                          rb"\r\nX-A: 1\r\nContent-Length: 4\r\n\r\ndone", served)
     assert found, served
     assert 40 <= int(found.group(1)) < 5000
-    plain = site(headers="X-A: 1")
+    plain = make_lua_site(headers="X-A: 1")
     assert plain.serve(plain.script(source, name="plain.lua")) == response(
         b"done", headers=b"X-A: 1\r\n")
 
 
-def test_positional_cookie_of_the_nikkiii_fork(site):
+def test_positional_cookie_of_the_nikkiii_fork(make_lua_site):
     """Point 10: nikkiii's con:cookie(name, value, expires, path, domain), expires in
     seconds since the epoch (request.c:87-126 of that fork), beside the options table."""
-    web = site()
+    web = make_lua_site()
     page = web.script("""
         function main(env, con)
             con:cookie("a", "1", 0, "/p", "example.org")
@@ -641,6 +641,7 @@ function housekeeping() end        -- luafcgid's manual: a config may define cal
 """
 
 
+@pytest.mark.slow
 def test_extra_globals_start_with_one_warning_on_stderr(tmp_path):
     """The originals read the globals they knew and ignored the others (config.c:57-78,
     settings.cpp:153-184): a config with its own globals and functions starts, and the
@@ -664,6 +665,7 @@ def test_extra_globals_start_with_one_warning_on_stderr(tmp_path):
     assert stopped == 0
 
 
+@pytest.mark.slow
 def test_a_likely_typo_is_still_refused_at_start(tmp_path):
     (tmp_path / "config.lua").write_text(EXTRAS + "wrkers = 4\n")
     result = subprocess.run([sys.executable, "-m", "luafcgid", "start", "-F", "-c",

@@ -13,7 +13,7 @@ import pytest
 from luafcgid import protocol
 from tests.support import Site, fcgi_call, fcgi_connect, wait_until
 
-pytestmark = pytest.mark.nginx
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
 HEADERS = """
 function main(env, con)
@@ -54,40 +54,41 @@ def raw_http(port: int, header_lines: list) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def running_site(tmp_path_factory):
     base = tmp_path_factory.mktemp("limits")
     with Site(base, SCRIPTS, processes=1, workers=2, max_params=16384, maxpost=4096) as running:
         yield running
 
 
-def test_a_thousand_headers_are_taken(site):
+def test_a_thousand_headers_are_taken(running_site):
     # The request nginx 1.22 passes with its default buffers; the old 1000-pair cap dropped it.
     lines = [f"X-{number}: v" for number in range(990)]
-    status, _, body = raw_http(site.port, lines)
+    status, _, body = raw_http(running_site.port, lines)
     # max_params = 16384 here: 990 short headers are ~15 KiB of params.
     assert (status, body) == (200, b"990")
 
 
-def test_params_at_and_over_max_params(site):
+def test_params_at_and_over_max_params(running_site):
     below = [f"X-Big-{number}: {'a' * 4000}" for number in range(3)]   # ~12 KiB of params
-    status, _, body = raw_http(site.port, below)
+    status, _, body = raw_http(running_site.port, below)
     assert (status, body) == (200, b"3")
     over = [f"X-Big-{number}: {'a' * 4000}" for number in range(5)]    # ~20 KiB
-    status, head, body = raw_http(site.port, over)
+    status, head, body = raw_http(running_site.port, over)
     assert status == 431, head
     assert b"431 Request Header Fields Too Large" in body
-    assert raw_http(site.port, below)[0] == 200  # the next request is served
-    log = wait_until(lambda: "over max_params" in site.server.output() and site.server.output())
+    assert raw_http(running_site.port, below)[0] == 200  # the next request is served
+    log = wait_until(lambda: "over max_params" in running_site.server.output()
+                     and running_site.server.output())
     assert "over max_params (16384 bytes): answered 431; raise max_params" in log
-    assert "prematurely" not in site.nginx.error_log()
+    assert "prematurely" not in running_site.nginx.error_log()
 
 
-def test_body_at_and_over_maxpost(site):
-    assert site.get("/echo.lua", method="POST", body=b"x" * 4096).body == b"4096"
-    over = site.get("/echo.lua", method="POST", body=b"x" * 4097)
+def test_body_at_and_over_maxpost(running_site):
+    assert running_site.get("/echo.lua", method="POST", body=b"x" * 4096).body == b"4096"
+    over = running_site.get("/echo.lua", method="POST", body=b"x" * 4097)
     assert over.status == 413
-    assert site.get("/echo.lua", method="POST", body=b"y").body == b"1"
-    assert "over maxpost (4096 bytes), answered 413" in site.server.output()
+    assert running_site.get("/echo.lua", method="POST", body=b"y").body == b"1"
+    assert "over maxpost (4096 bytes), answered 413" in running_site.server.output()
 
 
 def test_at_max_connections_an_idle_connection_makes_room(tmp_path):

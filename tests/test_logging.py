@@ -12,7 +12,7 @@ import pytest
 
 from tests.support import Site, wait_until
 
-pytestmark = pytest.mark.nginx
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
 SCRIPTS = {
     "note.lua": 'function main(env, con) con:log("mark " .. env.QUERY_STRING) con:puts("ok") end',

@@ -10,21 +10,14 @@ from typing import List
 import pytest
 
 from luafcgid.lua import ScriptError
-from tests.lua_site import RUNTIMES, head, response, sites
-
-
-@pytest.fixture
-def site(tmp_path):
-    """``site(**settings)``: a Site on tmp_path with those settings."""
-    yield from sites(tmp_path)
-
+from tests.lua_site import RUNTIMES, head, response
 
 # --- buffered responses -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_buffered_response_is_exact(site, lua):
-    web = site(lua=lua, headers="X-Served-By: luafcgid\nX-Frame-Options: DENY")
+def test_buffered_response_is_exact(make_lua_site, lua):
+    web = make_lua_site(lua=lua, headers="X-Served-By: luafcgid\nX-Frame-Options: DENY")
     page = web.script("""
         function main(env, con)
             con:header("Set-Cookie", "a=1")
@@ -44,14 +37,14 @@ def test_buffered_response_is_exact(site, lua):
     assert sink == []
 
 
-def test_defaults_come_from_settings(site):
-    web = site(httpstatus="202 Accepted", contenttype="text/plain; charset=utf-8")
+def test_defaults_come_from_settings(make_lua_site):
+    web = make_lua_site(httpstatus="202 Accepted", contenttype="text/plain; charset=utf-8")
     page = web.script("function main(env, con) con:puts('x') end")
     assert web.serve(page) == response(b"x", b"202 Accepted", b"text/plain; charset=utf-8")
 
 
-def test_status_and_content_type(site):
-    web = site()
+def test_status_and_content_type(make_lua_site):
+    web = make_lua_site()
     cases = {
         "con:status(404)": b"404 Not Found",
         "con:status('404')": b"404 Not Found",
@@ -81,8 +74,8 @@ def test_status_and_content_type(site):
     assert web.serve(page) == response(b"", content_type=b"application/xml")
 
 
-def test_bad_arguments_are_clear_lua_errors(site):
-    web = site()
+def test_bad_arguments_are_clear_lua_errors(make_lua_site):
+    web = make_lua_site()
     cases = {
         "con:puts({})": "con:puts expects a string or a number, got table",
         "con:puts(nil)": "con:puts expects a string or a number, got nil",
@@ -104,8 +97,8 @@ def test_bad_arguments_are_clear_lua_errors(site):
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_flush_sends_the_head_then_output_streams(site, lua):
-    web = site(lua=lua, headers="X-A: 1")
+def test_flush_sends_the_head_then_output_streams(make_lua_site, lua):
+    web = make_lua_site(lua=lua, headers="X-A: 1")
     page = web.script("""
         function main(env, con)
             con:header("X-B", "2")
@@ -123,8 +116,8 @@ def test_flush_sends_the_head_then_output_streams(site, lua):
     assert sink == [head(headers=b"X-A: 1\r\nX-B: 2\r\n") + b"one1", b"two", b"three"]
 
 
-def test_unbuffered_puts_streams_each_piece(site):
-    web = site(buffering=False)
+def test_unbuffered_puts_streams_each_piece(make_lua_site):
+    web = make_lua_site(buffering=False)
     page = web.script("""
         function main(env, con)
             con:status(201)
@@ -139,18 +132,18 @@ def test_unbuffered_puts_streams_each_piece(site):
     assert sink == [head(b"201 Created") + b"a", b"2", b"c"]
 
 
-def test_unbuffered_without_output_returns_the_head(site):
-    web = site(buffering=False)
+def test_unbuffered_without_output_returns_the_head(make_lua_site):
+    web = make_lua_site(buffering=False)
     page = web.script("function main(env, con) con:header('X-A', 'b') end")
     sink: List[bytes] = []
     assert web.serve(page, sink=sink) == head(headers=b"X-A: b\r\n")
     assert sink == []
 
 
-def test_a_head_set_once_sent_is_dropped_and_the_page_completes(site, log_lines):
+def test_a_head_set_once_sent_is_dropped_and_the_page_completes(make_lua_site, log_lines):
     """The originals let the page go on (request.c:49-69: a late header only lands in a
     buffer already sent); a late header used to raise and cut the page off."""
-    web = site()
+    web = make_lua_site()
     page = web.script("""
         function main(env, con)
             con:puts("x")
@@ -175,8 +168,8 @@ def test_a_head_set_once_sent_is_dropped_and_the_page_completes(site, log_lines)
     assert "set headers and the status before that" in warnings[0]
 
 
-def test_a_failing_sink_stops_the_handler_and_is_raised(site):
-    web = site()
+def test_a_failing_sink_stops_the_handler_and_is_raised(make_lua_site):
+    web = make_lua_site()
     page = web.script("""
         function main(env, con)
             con:puts("x")
@@ -204,11 +197,11 @@ def test_a_failing_sink_stops_the_handler_and_is_raised(site):
 # --- reset, gets, config, log -------------------------------------------------------------
 
 
-def test_reset_discards_the_buffered_body_only(site):
+def test_reset_discards_the_buffered_body_only(make_lua_site):
     """luafcgid's con:reset() clears the body buffer and nothing else (request.c:103-111);
     luafcgid2's Reset() clears the headers and the body (lua_fnc.cpp:93-97): in both the
     status and the content type set before stay."""
-    web = site()
+    web = make_lua_site()
     page = web.script("""
         function main(env, con)
             con:status(404)
@@ -236,11 +229,11 @@ def test_reset_discards_the_buffered_body_only(site):
                                        b"X-After: 2\r\n")
 
 
-def test_gets_reads_the_body_once(site):
+def test_gets_reads_the_body_once(make_lua_site):
     """luafcgid's con:gets() reads the FastCGI stream: the body at the first call, nil when
     there is none and at every later call (main.c:84-121). luafcgid2's Receive() reads the
     same way and gives "" for nothing (lua_fnc.cpp:104-118)."""
-    web = site()
+    web = make_lua_site()
     page = web.script("""
         function main(env, con)
             local first, second = con:gets(), con:gets()
@@ -260,9 +253,9 @@ def test_gets_reads_the_body_once(site):
     assert web.serve(page) == response(b"||nil")
 
 
-def test_config_values(site):
-    web = site(workers=3, headers="X-A: 1", Config={"greeting": "hi", "list": {1: "a", 2: "b"},
-                                                      "nested": {"n": 2.5}})
+def test_config_values(make_lua_site):
+    web = make_lua_site(workers=3, headers="X-A: 1",
+                        Config={"greeting": "hi", "list": {1: "a", 2: "b"}, "nested": {"n": 2.5}})
     page = web.script("""
         function main(env, con)
             local parts = {}
@@ -285,8 +278,8 @@ def test_config_values(site):
         b"3|3|main|hi|hi|2b|2.5|.lua|true|X-A: 1\r\n|nil", headers=b"X-A: 1\r\n")
 
 
-def test_log_writes_one_tagged_line(site, log_lines):
-    web = site()
+def test_log_writes_one_tagged_line(make_lua_site, log_lines):
+    web = make_lua_site()
     page = web.script("""
         function main(env, con)
             con:log("first")
@@ -302,8 +295,8 @@ def test_log_writes_one_tagged_line(site, log_lines):
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_luafcgid2_globals(site, lua):
-    web = site(lua=lua, Config={"site": "demo"})
+def test_luafcgid2_globals(make_lua_site, lua):
+    web = make_lua_site(lua=lua, Config={"site": "demo"})
     page = web.script("""
         function main()
             Header("X-Env", Env.REQUEST_METHOD .. " " .. Env.QUERY_STRING)
@@ -330,8 +323,8 @@ def test_luafcgid2_globals(site, lua):
                            headers=b"X-Env: GET q=1\r\nX-Raw: yes\r\n")
 
 
-def test_cookies_empty_without_header_and_fresh_per_request(site):
-    web = site()
+def test_cookies_empty_without_header_and_fresh_per_request(make_lua_site):
+    web = make_lua_site()
     page = web.script("""
         function main(env, con)
             local n = 0
@@ -345,8 +338,8 @@ def test_cookies_empty_without_header_and_fresh_per_request(site):
     assert web.serve(page, {b"HTTP_COOKIE": b"a=1"}) == response(b"1")
 
 
-def test_thread_data_counts_states_per_script(site):
-    web = site(states=4)
+def test_thread_data_counts_states_per_script(make_lua_site):
+    web = make_lua_site(states=4)
     other = web.script("function main(env, con) end", name="other.lua")
     page = web.script("""
         function main(env, con)
@@ -371,8 +364,8 @@ def test_thread_data_counts_states_per_script(site):
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_luafcgid_module(site, lua):
-    web = site(lua=lua)
+def test_luafcgid_module(make_lua_site, lua):
+    web = make_lua_site(lua=lua)
     page = web.script("""
         local luafcgid = require("luafcgid")
         local function check(ok, what) if not ok then error(what, 2) end end
@@ -408,8 +401,8 @@ def test_luafcgid_module(site, lua):
 # --- state behaviour ----------------------------------------------------------------------
 
 
-def test_globals_persist_across_requests(site):
-    web = site()
+def test_globals_persist_across_requests(make_lua_site):
+    web = make_lua_site()
     page = web.script("""
         local loads = (loads or 0) + 1
         function main(env, con)
@@ -421,8 +414,8 @@ def test_globals_persist_across_requests(site):
                                                   response(b"3/1")]
 
 
-def test_os_exit_is_disabled(site):
-    web = site()
+def test_os_exit_is_disabled(make_lua_site):
+    web = make_lua_site()
     page = web.script("""
         function main(env, con)
             if env.QUERY_STRING == "exit" then os.exit(0) end
@@ -435,8 +428,8 @@ def test_os_exit_is_disabled(site):
     assert web.serve(page) == response(b"alive")
 
 
-def test_python_is_not_reachable(site):
-    web = site()
+def test_python_is_not_reachable(make_lua_site):
+    web = make_lua_site()
     page = web.script("""
         function main(env, con)
             local reached = {}
@@ -465,8 +458,8 @@ def test_python_is_not_reachable(site):
     assert web.serve(page) == response(b"sealed")
 
 
-def test_package_path_has_no_dot_slash(site):
-    web = site()
+def test_package_path_has_no_dot_slash(make_lua_site):
+    web = make_lua_site()
     page = web.script("""
         function main(env, con)
             con:puts(package.path .. "\\n" .. package.cpath)
@@ -482,8 +475,8 @@ def test_package_path_has_no_dot_slash(site):
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_handler_error_discards_output(site, lua):
-    web = site(lua=lua)
+def test_handler_error_discards_output(make_lua_site, lua):
+    web = make_lua_site(lua=lua)
     page = web.script("""
         local function helper()
             error("broken")
@@ -509,8 +502,8 @@ def test_handler_error_discards_output(site, lua):
                                                                headers=b"X-A: 1\r\n")
 
 
-def test_error_after_flush_is_flagged(site):
-    web = site()
+def test_error_after_flush_is_flagged(make_lua_site):
+    web = make_lua_site()
     page = web.script("""
         function main(env, con)
             con:puts("early")
@@ -526,8 +519,8 @@ def test_error_after_flush_is_flagged(site):
     assert sink == [head() + b"early"]
 
 
-def test_missing_handler(site):
-    web = site(handler="serve")
+def test_missing_handler(make_lua_site):
+    web = make_lua_site(handler="serve")
     page = web.script("function main(env, con) con:puts('wrong name') end")
     with pytest.raises(ScriptError) as failure:
         web.serve(page)
@@ -535,8 +528,8 @@ def test_missing_handler(site):
     assert not failure.value.memory
 
 
-def test_syntax_error_names_the_file(site):
-    web = site()
+def test_syntax_error_names_the_file(make_lua_site):
+    web = make_lua_site()
     page = web.script("function main(env, con)\n  con:puts('x'\nend\n")
     with pytest.raises(ScriptError) as failure:
         web.serve(page)
@@ -545,8 +538,8 @@ def test_syntax_error_names_the_file(site):
     assert len(web.cache) == 0
 
 
-def test_top_level_error_has_a_traceback(site):
-    web = site()
+def test_top_level_error_has_a_traceback(make_lua_site):
+    web = make_lua_site()
     page = web.script("local x = nil\nlocal y = x.field\nfunction main() end\n")
     with pytest.raises(ScriptError) as failure:
         web.serve(page)
@@ -556,8 +549,8 @@ def test_top_level_error_has_a_traceback(site):
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_state_memory_cap(site, lua):
-    web = site(lua=lua, state_memory=8 * 1024 * 1024)
+def test_state_memory_cap(make_lua_site, lua):
+    web = make_lua_site(lua=lua, state_memory=8 * 1024 * 1024)
     page = web.script("""
         function main(env, con)
             con:puts("before")
@@ -578,8 +571,8 @@ def test_state_memory_cap(site, lua):
     assert web.serve(page) == response(b"beforefine")
 
 
-def test_state_memory_too_small_to_load(site):
-    web = site(state_memory=64 * 1024)
+def test_state_memory_too_small_to_load(make_lua_site):
+    web = make_lua_site(state_memory=64 * 1024)
     page = web.script("big = string.rep('x', 200000)\nfunction main() end\n")
     with pytest.raises(ScriptError) as failure:
         web.serve(page)
@@ -587,8 +580,8 @@ def test_state_memory_too_small_to_load(site):
     assert len(web.cache) == 0
 
 
-def test_error_in_script_error_object_is_a_string_message(site):
-    web = site()
+def test_error_in_script_error_object_is_a_string_message(make_lua_site):
+    web = make_lua_site()
     page = web.script("function main() error(setmetatable({}, {__tostring = function() "
                       "return 'custom' end})) end")
     with pytest.raises(ScriptError) as failure:

@@ -369,6 +369,7 @@ def test_close_drops_everything(tmp_path, cache_with):
 # --- memory -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evicted_states_free_their_memory(tmp_path, cache_with):
     """3000 evictions: a leak of discarded runtimes (each holding ~100 KiB) would show."""
     pages = [write(tmp_path / f"s{number}.lua", f"""

@@ -67,6 +67,7 @@ end
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUNTIMES)
 def test_debian_c_modules_load_and_work(tmp_path, name):
     need_debian_modules(name, "cjson", "lpeg", "luasql/sqlite3", "socket/core")
@@ -81,6 +82,7 @@ def test_debian_c_modules_load_and_work(tmp_path, name):
         assert ("jit" in got) == (name == "luajit")
 
 
+@pytest.mark.slow
 def test_the_master_never_loads_a_c_module(tmp_path):
     need_debian_modules("5.4", "cjson")
     with Site(tmp_path, {"j.lua": 'local cjson = require "cjson" '
@@ -127,6 +129,7 @@ def compile_module(tmp_path: Path, name: str, body: str, into: Path) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_a_luarocks_tree_beside_the_scripts_is_searched(tmp_path):
     docroot = tmp_path / "www"
     rocks = docroot / "lua_modules"
@@ -143,6 +146,7 @@ def test_a_luarocks_tree_beside_the_scripts_is_searched(tmp_path):
             response, site.server.output())
 
 
+@pytest.mark.slow
 def test_lua_path_and_lua_cpath_put_directories_before_the_defaults(tmp_path):
     need_debian_modules("5.4", "cjson")
     lib = tmp_path / "lib"
@@ -158,6 +162,7 @@ def test_lua_path_and_lua_cpath_put_directories_before_the_defaults(tmp_path):
         assert response.body == b"shared extra [true]", (response, site.server.output())
 
 
+@pytest.mark.slow
 def test_lua_path_environment_counts_as_in_lua(tmp_path, monkeypatch):
     lib = tmp_path / "envlib"
     lib.mkdir()
@@ -168,6 +173,7 @@ def test_lua_path_environment_counts_as_in_lua(tmp_path, monkeypatch):
         assert site.get("/e.lua").body == b"from LUA_PATH_5_4"
 
 
+@pytest.mark.slow
 def test_paths_command_shows_where_a_script_looks(tmp_path):
     docroot = tmp_path / "www"
     (docroot / "lua_modules").mkdir(parents=True)
@@ -191,6 +197,7 @@ def test_paths_command_shows_where_a_script_looks(tmp_path):
 
 # --- modules that do not load, and one that crashes ---------------------------------------------
 
+@pytest.mark.slow
 def test_a_missing_module_is_a_500_and_the_log_says_where_it_looked(tmp_path):
     with Site(tmp_path, {"missing.lua": 'local m = require "nosuch.thing" '
                                         'function main(env, con) end',
@@ -206,6 +213,7 @@ def test_a_missing_module_is_a_500_and_the_log_says_where_it_looked(tmp_path):
     assert "luarocks --lua-version 5.4 --tree <document root>/lua_modules install nosuch" in log
 
 
+@pytest.mark.slow
 def test_a_module_built_for_another_lua_is_a_clear_error(tmp_path):
     if not debian_has("5.1", "lpeg"):
         pytest.skip("Debian's Lua 5.1 lpeg is not installed (apt install lua-lpeg)")
@@ -222,6 +230,7 @@ def test_a_module_built_for_another_lua_is_a_clear_error(tmp_path):
     assert f"{wrong}/lpeg.so was built for another Lua than this server's lua = \"5.4\"" in log
 
 
+@pytest.mark.slow
 def test_a_crashing_c_module_costs_only_its_worker(tmp_path):
     compile_module(tmp_path, "crash", "lua_pushcclosure(L, crash, 0);",
                    tmp_path / "www/lua_modules/lib/lua/5.4")
@@ -246,6 +255,7 @@ def test_a_crashing_c_module_costs_only_its_worker(tmp_path):
     assert "a C module or the Lua runtime crashed" in log
 
 
+@pytest.mark.slow
 def test_a_new_c_module_is_loaded_by_reload_not_by_the_heartbeat(tmp_path):
     lib = tmp_path / "www/lua_modules/lib/lua/5.4"
     compile_module(tmp_path, "version", 'lua_pushstring(L, "v1");', lib)

@@ -29,9 +29,9 @@ import pytest
 from tests import redis_server
 from tests.support import accepts, fcgi_call, free_port, wait_until
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     os.geteuid() != 0,
-    reason="the newcomer tests run as root: workers switch to another user only then")
+    reason="the newcomer tests run as root: workers switch to another user only then")]
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 PIP_TIMEOUT = 300  # s: a machine without a wheel cache downloads lupa and friends

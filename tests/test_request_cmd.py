@@ -11,6 +11,8 @@ from click.testing import CliRunner
 from luafcgid.cli import main
 from tests.support import Server, as_root, free_port, write_config, write_scripts
 
+pytestmark = pytest.mark.slow
+
 SCRIPTS = {
     "hello.lua": 'function main(env, con) con:puts("hello") end',
     "env.lua": """function main(env, con)

@@ -14,7 +14,7 @@ from tests.support import NGINX
 
 SCALEOUT = Path(__file__).resolve().parent.parent / "scripts" / "scaleout"
 
-pytestmark = pytest.mark.nginx
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
 
 def load_scaleout():

@@ -21,6 +21,8 @@ from tests import redis_server
 from tests.redis_server import RedisServer
 from tests.support import wait_until
 
+pytestmark = pytest.mark.slow
+
 WEIGHTS = Weights(target=3, address=3, agent=2, language=1)
 ALICE = Identity(b"10.0.0.1", b"Mozilla/5.0 (X11)", b"en-GB")
 

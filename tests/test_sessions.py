@@ -19,9 +19,8 @@ from typing import Dict, List, Optional
 import pytest
 
 from luafcgid.lua import ScriptError
-from tests.lua_site import Site, sites
-from tests.support import Site as WebSite
-from tests.support import wait_until
+from tests.lua_site import LuaSite, lua_sites
+from tests.support import Site, wait_until
 
 RUNTIMES = ["5.4", "5.1", "luajit"]
 
@@ -93,7 +92,7 @@ BROWSER = {b"REMOTE_ADDR": b"10.0.0.1", b"HTTP_USER_AGENT": b"Firefox",
 class Client:
     """A browser: keeps the session cookie the server sets."""
 
-    def __init__(self, site: Site, page: str, identity: Optional[Dict[bytes, bytes]] = None):
+    def __init__(self, site: LuaSite, page: str, identity: Optional[Dict[bytes, bytes]] = None):
         self.site, self.page = site, page
         self.identity = dict(BROWSER if identity is None else identity)
         self.cookie: Optional[str] = None
@@ -115,9 +114,10 @@ class Client:
 
 
 @pytest.fixture
-def site(tmp_path):
-    """``site(lua, **settings)``: scripts and a cache whose sessions live in tmp_path."""
-    yield from sites(tmp_path, session_store=f"sqlite:{tmp_path}/sessions.db")
+def make_lua_site_with_sessions(tmp_path):
+    """``make_lua_site_with_sessions(lua, **settings)``: an in-process LuaSite whose
+    sessions live in tmp_path/sessions.db."""
+    yield from lua_sites(tmp_path, session_store=f"sqlite:{tmp_path}/sessions.db")
 
 
 def rows(tmp_path: Path, table: str) -> int:
@@ -126,8 +126,8 @@ def rows(tmp_path: Path, table: str) -> int:
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_login_whoami_logout(site, lua, tmp_path):
-    web = site(lua)
+def test_login_whoami_logout(make_lua_site_with_sessions, lua, tmp_path):
+    web = make_lua_site_with_sessions(lua)
     page = web.script(PAGE)
     alice = Client(web, page)
     assert alice.ask("whoami") == "nil" and alice.set_cookies == []  # no key, no cookie
@@ -149,8 +149,8 @@ def test_login_whoami_logout(site, lua, tmp_path):
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_values_round_trip_with_their_types(site, lua):
-    web = site(lua)
+def test_values_round_trip_with_their_types(make_lua_site_with_sessions, lua):
+    web = make_lua_site_with_sessions(lua)
     page = web.script(PAGE)
     browser = Client(web, page)
     browser.ask("login", "x")
@@ -169,7 +169,7 @@ def test_values_round_trip_with_their_types(site, lua):
     for name in expected:
         assert browser.ask("store", name) == "stored"
     # read back by a new state (another worker) as well as the one that wrote them
-    other = site(lua)
+    other = make_lua_site_with_sessions(lua)
     reader = Client(other, other.script(PAGE, name="reader.lua"))
     reader.cookie = browser.cookie
     for name, shown in expected.items():
@@ -178,8 +178,8 @@ def test_values_round_trip_with_their_types(site, lua):
 
 
 @pytest.mark.parametrize("lua", RUNTIMES)
-def test_what_cannot_be_stored_is_a_catchable_error(site, lua):
-    web = site(lua)
+def test_what_cannot_be_stored_is_a_catchable_error(make_lua_site_with_sessions, lua):
+    web = make_lua_site_with_sessions(lua)
     browser = Client(web, web.script(PAGE))
     assert browser.ask("bad", "fn") == ("false Session.SetVar: a function cannot be stored in a "
                                         "session (strings, numbers, booleans and tables of them "
@@ -189,8 +189,8 @@ def test_what_cannot_be_stored_is_a_catchable_error(site, lua):
     assert browser.ask("login", "bob") == "welcome bob"  # the state serves on
 
 
-def test_realms_clear_and_star(site, tmp_path):
-    web = site()
+def test_realms_clear_and_star(make_lua_site_with_sessions, tmp_path):
+    web = make_lua_site_with_sessions()
     browser = Client(web, web.script(PAGE))
     browser.ask("login", "carol")
     browser.ask("store", "int")
@@ -204,8 +204,8 @@ def test_realms_clear_and_star(site, tmp_path):
     assert rows(tmp_path, "variables") == 0 and rows(tmp_path, "sessions") == 1
 
 
-def test_anti_hijack_score(site):
-    web = site()
+def test_anti_hijack_score(make_lua_site_with_sessions):
+    web = make_lua_site_with_sessions()
     page = web.script(PAGE)
 
     def from_elsewhere(**changes: bytes) -> str:
@@ -238,15 +238,16 @@ def test_anti_hijack_score(site):
     moved_on.cookie = owner.cookie
     assert moved_on.ask("whoami") == "dave"  # address matches the last use
 
-    lax = site(SessionTargetScore=0)
+    lax = make_lua_site_with_sessions(SessionTargetScore=0)
     thief = Client(lax, lax.script(PAGE, name="lax.lua"), {b"REMOTE_ADDR": b"192.0.2.9"})
     thief.cookie = owner.cookie
     assert thief.ask("whoami") == "dave"  # target <= 0: anyone with the key
 
 
-def test_cookie_settings_and_key_length(site):
-    web = site(SessionName="sid", SessionKeyLen=40, SessionCookieSecure=False,
-               SessionCookieHttpOnly=False, SessionCookieSameSite="Strict", SessionTime=120)
+def test_cookie_settings_and_key_length(make_lua_site_with_sessions):
+    web = make_lua_site_with_sessions(
+        SessionName="sid", SessionKeyLen=40, SessionCookieSecure=False,
+        SessionCookieHttpOnly=False, SessionCookieSameSite="Strict", SessionTime=120)
     page = web.script("function main(env, con) Session.Start() con:puts('x') end")
     output = web.serve(page)
     (cookie,) = re.findall(rb"Set-Cookie: ([^\r]*)", output)
@@ -254,8 +255,9 @@ def test_cookie_settings_and_key_length(site):
                         rb"Expires=[^;]+ GMT", cookie), cookie
 
 
-def test_expiry_and_sweep(site, tmp_path):
-    web = site(SessionTime=1)
+@pytest.mark.slow
+def test_expiry_and_sweep(make_lua_site_with_sessions, tmp_path):
+    web = make_lua_site_with_sessions(SessionTime=1)
     browser = Client(web, web.script(PAGE))
     browser.ask("login", "erin")
     assert browser.ask("whoami") == "erin"
@@ -270,8 +272,8 @@ def test_expiry_and_sweep(site, tmp_path):
     assert rows(tmp_path, "sessions") == 0 and rows(tmp_path, "variables") == 0
 
 
-def test_start_after_the_head_went_out_is_an_error(site):
-    web = site()
+def test_start_after_the_head_went_out_is_an_error(make_lua_site_with_sessions):
+    web = make_lua_site_with_sessions()
     sink: List[bytes] = []
     with pytest.raises(ScriptError) as failure:
         web.serve(web.script(PAGE), {b"WHAT": b"late"}, sink=sink)
@@ -279,10 +281,10 @@ def test_start_after_the_head_went_out_is_an_error(site):
     assert "Session.Start: the head was already sent" in failure.value.message
 
 
-def test_an_unusable_store_fails_the_script_not_the_worker(site, tmp_path):
+def test_an_unusable_store_fails_the_script_not_the_worker(make_lua_site_with_sessions, tmp_path):
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where a directory should be")
-    web = site(session_store=f"sqlite:{blocked}/sessions.db")
+    web = make_lua_site_with_sessions(session_store=f"sqlite:{blocked}/sessions.db")
     page = web.script(PAGE)
     with pytest.raises(ScriptError) as failure:
         web.serve(page, {b"WHAT": b"login", b"ARG": b"x"})
@@ -306,10 +308,11 @@ WHOAMI = """
 """
 
 
+@pytest.mark.slow
 def test_sessions_are_shared_by_the_workers_of_a_host(tmp_path):
     pidfile = tmp_path / "run" / "luafcgid.pid"
     pidfile.parent.mkdir()
-    with WebSite(tmp_path, {"who.lua": WHOAMI}, keep_conn=False, processes=2, workers=1,
+    with Site(tmp_path, {"who.lua": WHOAMI}, keep_conn=False, processes=2, workers=1,
                  pidfile=str(pidfile), SessionCookieSecure=False) as web:
         # the default store: a directory the master made beside the pidfile
         sessions_dir = tmp_path / "run" / "luafcgid-sessions"
@@ -331,6 +334,7 @@ def test_sessions_are_shared_by_the_workers_of_a_host(tmp_path):
         assert (sessions_dir / "sessions.db").exists()
 
 
+@pytest.mark.slow
 def test_the_session_dir_belongs_to_the_workers_user():
     if os.geteuid() != 0:
         pytest.skip("needs root to start workers as another user")
@@ -340,7 +344,7 @@ def test_the_session_dir_belongs_to_the_workers_user():
         base.chmod(0o755)
         run = base / "run"
         run.mkdir()
-        with WebSite(base, {"who.lua": WHOAMI}, user="nobody", group="nogroup",
+        with Site(base, {"who.lua": WHOAMI}, user="nobody", group="nogroup",
                      pidfile=str(run / "luafcgid.pid"), SessionCookieSecure=False) as web:
             login = web.get("/who.lua?login")
             assert login.status == 200 and login.body.endswith(b" frank"), login
@@ -353,9 +357,10 @@ def test_the_session_dir_belongs_to_the_workers_user():
         shutil.rmtree(base)
 
 
+@pytest.mark.slow
 def test_the_heartbeat_sweeps_expired_sessions(tmp_path):
     database = tmp_path / "sessions.db"
-    with WebSite(tmp_path, {"who.lua": WHOAMI}, sweep=200, SessionTime=1,
+    with Site(tmp_path, {"who.lua": WHOAMI}, sweep=200, SessionTime=1,
                  session_store=f"sqlite:{database}", SessionCookieSecure=False) as web:
         assert web.get("/who.lua?login").body.endswith(b" frank")
 
@@ -370,8 +375,8 @@ def test_the_heartbeat_sweeps_expired_sessions(tmp_path):
             assert db.execute("SELECT count(*) FROM variables").fetchone()[0] == 0
 
 
-def test_a_key_the_client_made_up_is_never_adopted(site):
-    web = site()
+def test_a_key_the_client_made_up_is_never_adopted(make_lua_site_with_sessions):
+    web = make_lua_site_with_sessions()
     browser = Client(web, web.script(PAGE))
     browser.cookie = "chosen_by_the_attacker_1"
     assert browser.ask("login", "gina") == "welcome gina"

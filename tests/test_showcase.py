@@ -19,6 +19,8 @@ import pytest
 from tests.showcase_client import FORM, Visitor, sqlite_driver_missing
 from tests.support import Site, http
 
+pytestmark = pytest.mark.slow
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = ("notes.lua", "notes_db.lua")
 CHROMIUM = "/usr/bin/chromium"
@@ -43,7 +45,7 @@ def notes_site(base: Path, **settings: object) -> Site:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+def running_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     need_driver()
     with notes_site(tmp_path_factory.mktemp("showcase"), processes=2, workers=2) as web:
         yield web
@@ -66,13 +68,13 @@ def browser():
 # --- in the browser ---------------------------------------------------------------------------
 
 
-def test_browser_sign_in_post_list_json_script_as_text_sign_out(site, browser):
+def test_browser_sign_in_post_list_json_script_as_text_sign_out(running_site, browser):
     # CSP off in this context: the escaping alone must keep the <script> note from running
     context = browser.new_context(bypass_csp=True)
     page = context.new_page()
     page.set_default_timeout(10_000)
     try:
-        page.goto(site.nginx.url("/notes.lua"))
+        page.goto(running_site.nginx.url("/notes.lua"))
         assert page.title() == "Notes · showcase test"
         page.get_by_label("Your name").fill("Ada <Lovelace>")
         page.get_by_role("button", name="Sign in").click()
@@ -114,14 +116,14 @@ def test_browser_sign_in_post_list_json_script_as_text_sign_out(site, browser):
         context.close()
 
 
-def test_browser_phone_width_has_no_sideways_scroll(site, browser):
+def test_browser_phone_width_has_no_sideways_scroll(running_site, browser):
     context = browser.new_context(viewport={"width": 360, "height": 740}, is_mobile=True)
     page = context.new_page()
     try:
-        visitor = Visitor(site.port)
+        visitor = Visitor(running_site.port)
         visitor.sign_in("Grace")
         assert visitor.post({"action": "post", "body": "x" * 300}).status == 303  # one long word
-        page.goto(site.nginx.url("/notes.lua"))
+        page.goto(running_site.nginx.url("/notes.lua"))
         assert page.evaluate("document.documentElement.scrollWidth") <= 360
         assert page.locator("section.notes").bounding_box()["width"] <= 360
     finally:
@@ -131,21 +133,21 @@ def test_browser_phone_width_has_no_sideways_scroll(site, browser):
 # --- over plain HTTP -----------------------------------------------------------------------
 
 
-def test_a_post_without_the_sessions_token_gets_403_and_changes_nothing(site):
-    visitor = Visitor(site.port)
+def test_a_post_without_the_sessions_token_gets_403_and_changes_nothing(running_site):
+    visitor = Visitor(running_site.port)
     visitor.sign_in("Mallory's target")
-    other = Visitor(site.port)
+    other = Visitor(running_site.port)
     other.get()
-    before = site.get("/notes.lua?format=json").body
+    before = running_site.get("/notes.lua?format=json").body
     for token in (None, "", "0" * 32, other.token):
         reply = visitor.post({"action": "post", "body": "forged"}, token=token)
         assert reply.status == 403, (token, reply)
         assert b"This form has expired" in reply.body
     # a form from another site carries no cookie at all
-    stranger = http(site.port, "/notes.lua", method="POST", headers={"Content-Type": FORM},
+    stranger = http(running_site.port, "/notes.lua", method="POST", headers={"Content-Type": FORM},
                     body=b"action=post&body=forged&csrf=" + visitor.token.encode())
     assert stranger.status == 403
-    assert site.get("/notes.lua?format=json").body == before
+    assert running_site.get("/notes.lua?format=json").body == before
     # the real token still works, and signing out needs it too
     assert visitor.post({"action": "post", "body": "genuine"}).status == 303
     assert visitor.notes()[0]["text"] == "genuine"
@@ -153,8 +155,8 @@ def test_a_post_without_the_sessions_token_gets_403_and_changes_nothing(site):
     assert b"Signed in as" in visitor.get().body
 
 
-def test_the_page_allows_no_script_and_escapes_what_users_wrote(site):
-    visitor = Visitor(site.port)
+def test_the_page_allows_no_script_and_escapes_what_users_wrote(running_site):
+    visitor = Visitor(running_site.port)
     visitor.sign_in('<img src=x onerror="alert(1)">')
     assert visitor.post({"action": "post", "body": "a \"quoted\" 'note' <i>"}).status == 303
     reply = visitor.get()
@@ -165,8 +167,8 @@ def test_the_page_allows_no_script_and_escapes_what_users_wrote(site):
     assert b"a &quot;quoted&quot; &#39;note&#39; &lt;i&gt;" in reply.body
 
 
-def test_a_note_over_the_limit_is_refused_with_its_text_kept(site):
-    visitor = Visitor(site.port)
+def test_a_note_over_the_limit_is_refused_with_its_text_kept(running_site):
+    visitor = Visitor(running_site.port)
     visitor.sign_in("Limit")
     too_long = "é" * 2001  # characters, not bytes, are counted
     assert visitor.post({"action": "post", "body": too_long}).status == 303
@@ -182,13 +184,13 @@ def test_a_note_over_the_limit_is_refused_with_its_text_kept(site):
     assert "characters that cannot be stored" in visitor.get().body.decode()
 
 
-def test_posting_needs_a_sign_in_and_other_methods_are_refused(site):
-    visitor = Visitor(site.port)
+def test_posting_needs_a_sign_in_and_other_methods_are_refused(running_site):
+    visitor = Visitor(running_site.port)
     visitor.get()
     assert visitor.post({"action": "post", "body": "anonymous"}).status == 303
     assert "Sign in to post a note." in visitor.get().body.decode()
     assert all(note["text"] != "anonymous" for note in visitor.notes())
-    reply = http(site.port, "/notes.lua", method="DELETE")
+    reply = http(running_site.port, "/notes.lua", method="DELETE")
     assert (reply.status, reply.header("Allow")) == (405, "GET, HEAD, POST")
 
 

@@ -22,7 +22,7 @@ from tests.support import (
     write_config,
 )
 
-pytestmark = pytest.mark.nginx
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
 
 HELLO = 'function main(env, con) con:header("Content-Type", "text/plain") con:puts("hello") end'
@@ -62,7 +62,9 @@ def start_site(tmp_path: Path, **settings: object) -> Site:
 
 
 @pytest.fixture
-def site_factory(tmp_path):
+def make_running_site(tmp_path):
+    """``make_running_site(**settings)``: a started Site (luafcgid + nginx) on tmp_path;
+    every one made is stopped after the test."""
     sites = []
 
     def make(**settings: object) -> Site:
@@ -74,8 +76,8 @@ def site_factory(tmp_path):
         site.stop()
 
 
-def test_killed_worker_is_replaced_and_no_request_fails_after(site_factory):
-    site = site_factory()
+def test_killed_worker_is_replaced_and_no_request_fails_after(make_running_site):
+    site = make_running_site()
     with RequestLoop(site.port, ["/hello.lua"], is_hello, clients=4) as loop:
         loop.wait_for(200)
         before = wait_until(lambda: serving(site) if len(serving(site)) == 2 else None)
@@ -91,8 +93,8 @@ def test_killed_worker_is_replaced_and_no_request_fails_after(site_factory):
     assert failed_after == 0, loop.failures
 
 
-def test_hup_changes_headers_with_no_failed_request(site_factory):
-    site = site_factory(headers="X-Gen: 1\r\n")
+def test_hup_changes_headers_with_no_failed_request(make_running_site):
+    site = make_running_site(headers="X-Gen: 1\r\n")
     seen = []
 
     def check(response) -> bool:
@@ -113,8 +115,8 @@ def test_hup_changes_headers_with_no_failed_request(site_factory):
     assert set(seen[-100:]) == {"2"}
 
 
-def test_hup_with_a_broken_config_keeps_serving(site_factory):
-    site = site_factory()
+def test_hup_with_a_broken_config_keeps_serving(make_running_site):
+    site = make_running_site()
     with RequestLoop(site.port, ["/hello.lua"], is_hello, clients=2) as loop:
         loop.wait_for(100)
         old = workers_of(site.server.pid)
@@ -127,8 +129,8 @@ def test_hup_with_a_broken_config_keeps_serving(site_factory):
     assert loop.failed == 0, loop.failures
 
 
-def test_max_requests_recycles_with_no_failed_request(site_factory):
-    site = site_factory(max_requests=150, max_requests_jitter=50)
+def test_max_requests_recycles_with_no_failed_request(make_running_site):
+    site = make_running_site(max_requests=150, max_requests_jitter=50)
     pids = set()
     with RequestLoop(site.port, ["/hello.lua"], is_hello, clients=4) as loop:
         def recycled_enough() -> bool:
@@ -141,8 +143,8 @@ def test_max_requests_recycles_with_no_failed_request(site_factory):
     assert loop.failed == 0, loop.failures
 
 
-def test_max_memory_recycles_with_no_failed_request(site_factory):
-    site = site_factory(max_memory=80)
+def test_max_memory_recycles_with_no_failed_request(make_running_site):
+    site = make_running_site(max_memory=80)
     with RequestLoop(site.port, ["/grow.lua", "/hello.lua"],
                      lambda r: r.status == 200 and r.body in (b"grown", b"hello"),
                      clients=4) as loop:
@@ -154,9 +156,9 @@ def test_max_memory_recycles_with_no_failed_request(site_factory):
     assert loop.failed == 0, loop.failures
 
 
-def test_term_lets_a_slow_request_finish_then_cleans_up(tmp_path, site_factory):
+def test_term_lets_a_slow_request_finish_then_cleans_up(tmp_path, make_running_site):
     socket_path = tmp_path / "fcgi.sock"
-    site = site_factory(listen=str(socket_path), processes=1)
+    site = make_running_site(listen=str(socket_path), processes=1)
     pidfile = Path(site.settings["pidfile"])
     answer = {}
     client = threading.Thread(target=lambda: answer.update(r=site.get("/slow.lua")))
@@ -174,8 +176,8 @@ def test_term_lets_a_slow_request_finish_then_cleans_up(tmp_path, site_factory):
     assert not Path(str(pidfile) + ".status").exists()
 
 
-def test_ttin_and_ttou_change_the_number_of_workers(site_factory):
-    site = site_factory()
+def test_ttin_and_ttou_change_the_number_of_workers(make_running_site):
+    site = make_running_site()
     master = site.server.pid
     wait_until(lambda: len(workers_of(master)) == 2)
     site.server.signal(signal.SIGTTIN)
@@ -189,9 +191,9 @@ def test_ttin_and_ttou_change_the_number_of_workers(site_factory):
     assert is_hello(site.get("/hello.lua"))
 
 
-def test_usr1_reopens_the_log_of_master_and_workers(tmp_path, site_factory):
+def test_usr1_reopens_the_log_of_master_and_workers(tmp_path, make_running_site):
     logfile = tmp_path / "luafcgid.log"
-    site = site_factory(logfile=str(logfile), loglevel="info")
+    site = make_running_site(logfile=str(logfile), loglevel="info")
     os.rename(logfile, tmp_path / "luafcgid.log.1")
     site.server.signal(signal.SIGUSR1)
     wait_until(lambda: logfile.exists() and "log reopened" in logfile.read_text(),

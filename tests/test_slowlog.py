@@ -16,6 +16,9 @@ from luafcgid.config import from_mapping
 from luafcgid.lua import StateCache, slowlog
 from tests.support import Site
 
+# Every test waits for slowlog_timeout (real time) or starts a luafcgid.
+pytestmark = pytest.mark.slow
+
 # busy() spins for `seconds` of CPU (os.clock: this thread is the one spinning).
 SLOW = """local function busy(seconds)
   local start = os.clock()

@@ -15,7 +15,7 @@ from luafcgid import __version__, client, config, status
 from luafcgid.status import listen_queue
 from tests.support import FASTCGI_PARAMS, Server, Site, as_root, free_port, wait_until, write_config
 
-pytestmark = pytest.mark.nginx
+pytestmark = [pytest.mark.nginx, pytest.mark.slow]
 
 HELLO = 'function main(env, con) con:puts("hello") end'
 OPENMETRICS_SAMPLE = re.compile(r'^[a-z_]+(\{worker="\d+"\}|\{version="[^"]+"\})? [0-9.e+]+$')
@@ -35,7 +35,7 @@ def master_children(site: Site) -> set:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
+def running_site(tmp_path_factory):
     site = Site(tmp_path_factory.mktemp("status"), {"hello.lua": HELLO}, processes=2,
                 sweep=100, status_path="/status", ping_path="/ping", headers="X-Site: one")
     route_own_paths(site, "/status", "/ping")
@@ -43,27 +43,27 @@ def site(tmp_path_factory):
         yield site
 
 
-def test_ping_answers_pong_with_the_config_headers(site):
-    answer = site.get("/ping")
+def test_ping_answers_pong_with_the_config_headers(running_site):
+    answer = running_site.get("/ping")
     assert (answer.status, answer.body) == (200, b"pong")
     assert answer.header("Content-Type") == "text/plain"
     assert answer.header("X-Site") == "one"
 
 
-def test_status_json_merges_the_master_file_with_the_answering_worker(site):
+def test_status_json_merges_the_master_file_with_the_answering_worker(running_site):
     for _ in range(6):
-        assert site.get("/hello.lua").body == b"hello"
+        assert running_site.get("/hello.lua").body == b"hello"
 
     def figures():
-        answer = site.get("/status?json")
+        answer = running_site.get("/status?json")
         assert answer.status == 200 and answer.header("Content-Type") == "application/json"
         data = json.loads(answer.body)
         pids = {row["pid"] for row in data["workers"] if row["state"] == "serving"}
-        return data if pids == master_children(site) and data["accepted_requests"] >= 7 \
+        return data if pids == master_children(running_site) and data["accepted_requests"] >= 7 \
             else None
 
     data = wait_until(figures, what="both workers and the requests in the status figures")
-    assert data["pid"] == site.server.pid
+    assert data["pid"] == running_site.server.pid
     assert data["processes"] == 2 and data["threads"] == 2 * 4
     # The status request itself runs: its worker's live row says so.
     assert data["active_threads"] >= 1
@@ -76,23 +76,23 @@ def test_status_json_merges_the_master_file_with_the_answering_worker(site):
         assert row["rss"] > 1 << 20 and row["uptime"] >= 0 and row["number"] in (1, 2)
 
 
-def test_status_text_and_the_cli_share_one_layout(site):
-    text = site.get("/status").body.decode()
-    assert text.startswith("luafcgid ") and f"master pid {site.server.pid}" in text
+def test_status_text_and_the_cli_share_one_layout(running_site):
+    text = running_site.get("/status").body.decode()
+    assert text.startswith("luafcgid ") and f"master pid {running_site.server.pid}" in text
     lines = text.splitlines()
     assert "accepted requests" in lines[2] and "listen queue" in lines[1]
-    assert {int(line.split()[1]) for line in lines[4:]} == master_children(site)
-    cli = subprocess.run([sys.executable, "-m", "luafcgid", "status", "-c", str(site.config)],
-                         capture_output=True, text=True, timeout=30)
+    assert {int(line.split()[1]) for line in lines[4:]} == master_children(running_site)
+    cli = subprocess.run([sys.executable, "-m", "luafcgid", "status", "-c",
+                          str(running_site.config)], capture_output=True, text=True, timeout=30)
     assert cli.returncode == 0, cli.stderr
     cli_lines = cli.stdout.splitlines()
     assert cli_lines[0].split(", up")[0] == lines[0].split(", up")[0]
     assert cli_lines[3] == lines[3]
-    assert {int(line.split()[1]) for line in cli_lines[4:]} == master_children(site)
+    assert {int(line.split()[1]) for line in cli_lines[4:]} == master_children(running_site)
 
 
-def test_status_openmetrics(site):
-    answer = site.get("/status?openmetrics")
+def test_status_openmetrics(running_site):
+    answer = running_site.get("/status?openmetrics")
     assert answer.status == 200
     assert answer.header("Content-Type").startswith("application/openmetrics-text")
     text = answer.body.decode()
@@ -117,7 +117,7 @@ def test_status_openmetrics(site):
             if line.startswith("luafcgid_worker_rss_bytes")} == {"1", "2"}
     pids = {int(float(line.split()[1])) for line in samples
             if line.startswith("luafcgid_worker_pid{")}
-    assert pids <= master_children(site) and len(pids) == 2
+    assert pids <= master_children(running_site) and len(pids) == 2
     assert typed["luafcgid"] == "info"
     assert f'luafcgid_info{{version="{__version__}"}} 1' in samples
     master_rss = next(line for line in samples if line.startswith("luafcgid_master_rss_bytes "))
@@ -139,8 +139,8 @@ def test_openmetrics_has_one_series_per_worker_number_while_one_is_replaced():
     assert "luafcgid_last_reload_successful 0" in text
 
 
-def test_status_refuses_an_unknown_form(site):
-    assert site.get("/status?yaml").status == 400
+def test_status_refuses_an_unknown_form(running_site):
+    assert running_site.get("/status?yaml").status == 400
 
 
 def test_paths_are_off_by_default(tmp_path):

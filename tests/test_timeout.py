@@ -97,6 +97,7 @@ def run(cache: StateCache, script: str) -> bytes:
     return outcome[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lua", RUNTIMES)
 def test_watchdog_stops_every_runaway_and_the_cache_serves_on(tmp_path: Path, lua: str) -> None:
     cache = StateCache(from_mapping({"lua": lua, "timeout": TIMEOUT}))
@@ -120,6 +121,7 @@ def test_watchdog_stops_every_runaway_and_the_cache_serves_on(tmp_path: Path, lu
     assert cache.oldest_running() == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lua", RUNTIMES)
 def test_timeout_traceback_shows_where_the_loop_ran(tmp_path: Path, lua: str) -> None:
     cache = StateCache(from_mapping({"lua": lua, "timeout": TIMEOUT}))
@@ -132,6 +134,7 @@ def test_timeout_traceback_shows_where_the_loop_ran(tmp_path: Path, lua: str) ->
     assert "prelude.lua" not in failure.value.traceback
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lua", RUNTIMES)
 def test_a_state_idle_for_longer_than_timeout_serves_its_next_request(
         tmp_path: Path, lua: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -152,6 +155,7 @@ def test_a_state_idle_for_longer_than_timeout_serves_its_next_request(
         cache.release(state)
 
 
+@pytest.mark.slow
 def test_a_slow_request_within_timeout_is_not_stopped(tmp_path: Path) -> None:
     cache = StateCache(from_mapping({"timeout": 5}))
     script = write(tmp_path, "busy.lua", """
@@ -184,6 +188,7 @@ def pid_of(site: Site) -> int:
     return int(response.body)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lua", RUNTIMES)
 def test_timeout_through_the_server(tmp_path: Path, lua: str) -> None:
     """In a worker process, where PUC Lua's main thread runs under the compiled watchdog
@@ -204,6 +209,7 @@ def test_timeout_through_the_server(tmp_path: Path, lua: str) -> None:
                              r"for 1\.\d{3} s \(timeout = 1 s\)", log), log
 
 
+@pytest.mark.slow
 def test_memory_cap_through_the_server(tmp_path: Path) -> None:
     scripts = {"pid.lua": PID, "hog.lua": """
 function main(env, con)
@@ -220,6 +226,7 @@ end
         assert "not enough memory" in site.server.output()
 
 
+@pytest.mark.slow
 def test_a_request_stuck_in_a_c_call_is_killed_with_its_children_and_named(
         tmp_path: Path) -> None:
     """os.execute blocks in C: no hook runs, so the master acts once the request passes
@@ -259,6 +266,7 @@ def test_a_request_stuck_in_a_c_call_is_killed_with_its_children_and_named(
     assert "no Lua traceback" in entry
 
 
+@pytest.mark.slow
 def test_a_graceful_stop_leaves_no_process_a_cut_off_request_started(tmp_path: Path) -> None:
     """TERM while a request waits in os.execute: past graceful_timeout the request is cut
     off, and its child process goes with it (whichever of the worker or the master ends

@@ -44,6 +44,8 @@ from tests.support import (
     write_scripts,
 )
 
+pytestmark = pytest.mark.slow
+
 MIB = 1024 * 1024
 
 SCRIPTS = {

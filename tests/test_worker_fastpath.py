@@ -45,7 +45,9 @@ SCRIPTS = {
 }
 
 
-@pytest.fixture(params=["unix", "tcp"])
+# Every test that takes this fixture starts a luafcgid: the mark goes with the params.
+@pytest.fixture(params=[pytest.param("unix", marks=pytest.mark.slow),
+                        pytest.param("tcp", marks=pytest.mark.slow)])
 def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
     for name, source in SCRIPTS.items():
         (tmp_path / name).write_text(source)
