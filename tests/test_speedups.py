@@ -155,6 +155,7 @@ print(json.dumps({"fast": results(True), "own": results(False)}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PUC_RUNTIMES)
 def test_fastformat_answers_as_lua_own_string_format(name: str) -> None:
     """Thousands of random formats and arguments (every conversion, flags, widths,
@@ -230,6 +231,7 @@ def serve_page(tmp_path: Path, name: str, pure: bool, monkeypatch: pytest.Monkey
         server.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["5.4", "5.1"])
 def test_worker_runs_the_compiled_path_and_the_pure_one_alike(
         tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,6 +258,7 @@ def test_worker_runs_the_compiled_path_and_the_pure_one_alike(
     assert message in fast[3] and message in pure[3]
 
 
+@pytest.mark.slow
 def test_luajit_keeps_its_own_format(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """LuaJIT's string.format is compiled by its JIT: the start log says none is used."""
     fast = serve_page(tmp_path, "luajit", False, monkeypatch)

@@ -5,35 +5,36 @@ into Lua. The state holds no Python object that points back at its runtime: the
 objects Lua may call (the outlet for early output, the log, the file recorder, the
 ThreadData source) reference only plain data, a weak reference to the cache, or the
 request's sink while the request runs. A dropped state is thus freed at once by
-reference counting, not left to a reference cycle running through Lua (MEASURED.md).
+reference counting, not left to a reference cycle running through Lua.
 
 The watchdog (``timeout``, ``slowlog_timeout``). lupa cannot interrupt a running Lua
 call, and calling into a runtime from another thread waits for the handler to return, so
-the only thing that can stop a handler is the handler's own state: a Lua count hook
-(``prelude.lua``), set on the state's main thread while script code runs (the load, each
-handler call) and on every coroutine as it starts (coroutines do not inherit Lua hooks).
-Every ``HOOK_COUNT`` instructions it compares ``os.time()`` (whole seconds, a C call: no
-Python, no GIL) with the second of the next deadline, and only within that last second
-calls the Python clock; so a normal request never calls back into Python, and no
-watchdog thread is needed. Past ``timeout`` it raises, then raises again on every
+the only thing that can stop a handler is the handler's own state: a Lua hook that runs
+the prelude's ``watchdog`` function. Past ``timeout`` it raises, then raises again on every
 instruction of the script (so a ``pcall`` loop dies too); the request gets the timeout
 :class:`ScriptError` and the state is dropped (its globals may be half-updated). Past
-``slowlog_timeout`` it takes ``debug.traceback()`` once, inside the state, for the slow
-log.
+``slowlog_timeout`` it takes ``debug.traceback()`` once, inside the state, for the slow log.
 
-Costs (``scripts/bench_hooks``, µs per request, noisy 2-core machine): +0.2-0.7 µs per
-request on 5.1/5.4/5.5, +1 µs on LuaJIT. Lua 5.1 runs Lua code at full speed with the
-hook. Lua 5.4/5.5 trap every instruction whenever any hook is set, whatever the count:
-CPU-bound Lua code (fib) runs 2.2-2.6x slower, a page built with string.format and
-table.concat (C work) ~1.05x. LuaJIT never runs hooks in compiled code, so its states
-run with ``jit.off()``: 1.7x on the page, 5x on fib, still faster than Lua 5.4 without
-a hook. Setting the hook from another thread only when a deadline passes (what lua.c
-does on SIGINT) would cost nothing, but ``lua_sethook`` walks the running thread's call
-stack and is safe only from a signal handler on that thread, which Python cannot give:
-not done. What no hook can stop (a long C call such as ``os.execute``, a script that
-removes the hook with ``debug.sethook()``) is left to the master, which replaces a
-worker whose oldest request (:meth:`StateCache.oldest_running`, from
-:meth:`State.running_for`) overran ``timeout`` by a margin (``arbiter.py``).
+Two ways to have that hook run:
+
+- the compiled watchdog (PUC Lua in a worker process with the speed-ups built:
+  ``speedups.c``): a request's main thread runs with no hook at all; once its first moment
+  to look has passed, a timer thread signals the OS thread running it and the signal
+  handler sets a count hook of 1 on the state (how lua.c stops a script on Ctrl-C:
+  ``lua_sethook`` is made to be called from a signal handler). Lua 5.3/5.4 run every
+  instruction through the hook dispatcher while any hook is set, so this is what keeps
+  CPU-bound code at full speed (docs/design.rst has the figures);
+- the count hook (the pure path, LuaJIT, coroutines, and a script's top level as it
+  loads): every ``HOOK_COUNT`` instructions it compares ``os.time()`` (whole seconds, a C
+  call: no Python, no GIL) with the second of the next moment to look, and only within
+  that last second calls the Python clock. It is set on the state's main thread while
+  script code runs and on every coroutine as it starts (coroutines do not inherit hooks).
+  LuaJIT never runs hooks in compiled code, so its states run with ``jit.off()``.
+
+What no hook can stop (a long C call such as ``os.execute``, a script that removes the
+hook with ``debug.sethook()``) is left to the master, which replaces a worker whose
+oldest request (:meth:`StateCache.oldest_running`, from :meth:`State.running_for`)
+overran ``timeout`` by a margin (``arbiter.py``).
 """
 
 from __future__ import annotations
