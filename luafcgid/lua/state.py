@@ -34,6 +34,10 @@ not done. What no hook can stop (a long C call such as ``os.execute``, a script 
 removes the hook with ``debug.sethook()``) is left to the master, which replaces a
 worker whose oldest request (:meth:`StateCache.oldest_running`, from
 :meth:`State.running_for`) overran ``timeout`` by a margin (``arbiter.py``).
+
+``jit = true`` (LuaJIT only; config.py) keeps the JIT on and the hook set: the hook then
+fires only while code runs interpreted, so a runaway loop once compiled is that master's
+to end (docs/design.rst has the figures).
 """
 
 from __future__ import annotations
@@ -169,6 +173,7 @@ class Blueprint:
             "worker_number": worker_number,
             "timeout": settings.timeout,
             "hook_count": HOOK_COUNT,
+            "jit": settings.jit,
             "elapsed_header": settings.elapsed_time_header,
         })
         if settings.slowlog_timeout:
