@@ -108,7 +108,8 @@ def test_a_compiled_runaway_is_ended_by_the_master_and_the_other_worker_serves(
         tmp_path: Path, runaway: str) -> None:
     """The hook does not stop it (no 500 at ``timeout``): the master kills its worker at
     ``overrun_limit``, the client gets nginx's 502, a replacement serves; meanwhile every
-    request to the server is answered."""
+    other request is answered (but one racing the kill on the stuck worker's other thread,
+    which gets a 502 as the runaway does)."""
     scripts = {"status.lua": STATUS, "hello.lua": HELLO, runaway: RUNAWAYS[runaway]}
     # keep_conn off: each request a new connection, which either worker may accept (kept
     # connections would all stay with the worker that survived).
@@ -125,8 +126,11 @@ def test_a_compiled_runaway_is_ended_by_the_master_and_the_other_worker_serves(
         request.start()
         served = 0
         while request.is_alive() and time.monotonic() - began < overrun_limit(TIMEOUT) + 10:
+            sent = time.monotonic() - began
             response = site.get("/hello.lua")
-            assert response.status == 200 and response.body == b"hello", response
+            if response.status == 502 and sent > overrun_limit(TIMEOUT) - 0.5:
+                continue  # it raced the kill on the stuck worker's other thread
+            assert response.status == 200 and response.body == b"hello", (sent, response)
             served += 1
         request.join(5)
         took = time.monotonic() - began
