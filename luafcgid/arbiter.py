@@ -628,11 +628,14 @@ class Arbiter:
             return
         script = figures.get("oldest_script") or "(unknown script)"
         uri = figures.get("oldest_uri") or "-"
+        # With jit = true a loop LuaJIT compiled runs no hook either (docs/design.rst).
+        cause = ("a long C call such as os.execute, or a loop LuaJIT compiled (jit = true)"
+                 if self.settings.jit else "a long C call such as os.execute")
         log.error("worker %d (pid %d): a request to %s (uri %s) has run for %.1f s, past "
-                  "timeout (%g s) + margin: the Lua watchdog could not stop it (a long C "
-                  "call such as os.execute?); killing the worker and the processes it "
-                  "started, and starting a replacement", worker.number, worker.pid, script,
-                  uri, oldest, self.settings.timeout)
+                  "timeout (%g s) + margin: the Lua watchdog could not stop it (%s?); "
+                  "killing the worker and the processes it started, and starting a "
+                  "replacement", worker.number, worker.pid, script, uri, oldest,
+                  self.settings.timeout, cause)
         if self.settings.slowlog_timeout:
             slowlog.record_killed(worker.number, worker.pid, script, uri, oldest)
         worker.stop_deadline = time.monotonic()

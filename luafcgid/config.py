@@ -528,6 +528,7 @@ KEYS: Dict[str, Tuple[Check, Any]] = {
     "access_log_format": (access_format, DEFAULT_ACCESS_FORMAT),
     "loglevel": (one_of(tuple(LEVELS)), "info"),
     "lua": (lua_version, "5.4"),
+    "jit": (boolean, False),
     "lua_path": (search_path((".lua",)), None),
     "lua_cpath": (search_path((".so",)), None),
     "session_store": (session_store, DERIVED),
@@ -653,6 +654,7 @@ class Settings:
     access_log_format: str
     loglevel: str
     lua: str
+    jit: bool
     lua_path: Optional[str]
     lua_cpath: Optional[str]
     session_store: str
@@ -776,6 +778,10 @@ def _derive(settings: dict, given: dict, path: str) -> None:
         sessions_dir = os.path.join(os.path.dirname(settings["pidfile"]), SESSION_DIR)
         settings["session_store"] = sessions.sqlite_url(os.path.join(sessions_dir,
                                                                       "sessions.db"))
+    if settings["jit"] and settings["lua"] != "luajit":
+        raise ConfigError(path, given["jit"][0], f"true needs lua = \"luajit\": lua = "
+                          f"\"{settings['lua']}\" has no JIT compiler (remove jit, or set "
+                          "lua = \"luajit\")")
     if settings["clones"] > settings["states"]:
         name = given["clones"][0]
         raise ConfigError(path, name, f"must be <= states ({settings['states']}), "

@@ -58,6 +58,9 @@ class StateCache:
         self._count: Dict[str, int] = {}  # kept states per script: idle, busy and loading
         self._total = 0
         self._busy: Set[State] = set()  # states lent to a request, transient ones too
+        # State number → wall clock at the start of its load, while a request loads it: a
+        # script's top level can run away too (a C call, a loop LuaJIT compiled).
+        self._loading: Dict[int, float] = {}
         self._closed = False
         self._numbers = count(1)
         self._thread_data = functools.partial(_thread_data, weakref.ref(self))
@@ -137,7 +140,9 @@ class StateCache:
         watchdog cannot stop)."""
         now = time.time()
         with self._lock:
-            return max((state.running_for(now) for state in self._busy), default=0.0)
+            loading = (now - started for started in self._loading.values())
+            running = (state.running_for(now) for state in self._busy)
+            return max(chain(loading, running), default=0.0)
 
     def __len__(self) -> int:
         return self._total
@@ -206,14 +211,19 @@ class StateCache:
     # --- outside the lock -----------------------------------------------------------------
 
     def _load(self, script: str, docroot: DocRoot, kept: bool) -> State:
+        number = next(self._numbers)
+        with self._lock:
+            self._loading[number] = time.time()
         try:
-            state = State(self._blueprint, script, docroot, next(self._numbers),
-                          self._thread_data)
+            state = State(self._blueprint, script, docroot, number, self._thread_data)
         except BaseException:
             if kept:
                 with self._lock:
                     self._uncount(script)
             raise
+        finally:
+            with self._lock:
+                del self._loading[number]
         state.hits = 1
         state.transient = not kept
         with self._lock:

@@ -752,8 +752,9 @@ if hook_count > 0 then
     local coroutine_create, coroutine_wrap = coroutine.create, coroutine.wrap
     coroutine.create = function(f) return coroutine_create(watched(f)) end
     coroutine.wrap = function(f) return coroutine_wrap(watched(f)) end
-    -- LuaJIT never runs hooks in compiled code: the interpreter keeps the watchdog awake.
-    if jit then
+    -- LuaJIT never runs hooks in compiled code: the interpreter keeps the watchdog awake,
+    -- unless the operator chose speed (`jit = true`: a compiled runaway is the master's).
+    if jit and not options.jit then
         jit.off()
         jit.flush()
     end

@@ -29,7 +29,9 @@ Two ways to have that hook run:
   call: no Python, no GIL) with the second of the next moment to look, and only within
   that last second calls the Python clock. It is set on the state's main thread while
   script code runs and on every coroutine as it starts (coroutines do not inherit hooks).
-  LuaJIT never runs hooks in compiled code, so its states run with ``jit.off()``.
+  LuaJIT never runs hooks in compiled code, so its states run with ``jit.off()``, unless
+  ``jit = true`` (LuaJIT only; config.py) keeps the JIT on: the hook then fires only while
+  code runs interpreted, so a runaway loop once compiled is the master's to end.
 
 What no hook can stop (a long C call such as ``os.execute``, a script that removes the
 hook with ``debug.sethook()``) is left to the master, which replaces a worker whose
@@ -170,6 +172,7 @@ class Blueprint:
             "worker_number": worker_number,
             "timeout": settings.timeout,
             "hook_count": HOOK_COUNT,
+            "jit": settings.jit,
             "elapsed_header": settings.elapsed_time_header,
         })
         if settings.slowlog_timeout:
