@@ -1,12 +1,16 @@
 /*
- * The compiled half of luafcgid/protocol.py's PARAMS decoding (docs/design.rst, "Compiled
- * speed-ups"): decode_pairs(data, pos, end) does what protocol._decode_pairs does, with the
- * same answers and the same messages. protocol.py uses it when it was built (setup.py) and
- * LUAFCGID_PURE is not set; otherwise its own Python loop.
+ * Compiled halves of luafcgid/protocol.py (docs/design.rst, "Compiled speed-ups"), used when
+ * built (setup.py) and LUAFCGID_PURE is not set; otherwise protocol.py's own Python:
+ *
+ * - decode_pairs(data, pos, end) does what protocol._decode_pairs does, with the same
+ *   answers and the same messages;
+ * - whole_request(data, maxpost, max_params) reads the common case, one whole request in
+ *   one input, in one call, and declines everything else.
  */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <string.h>
 
 /* A pair length: 1 byte below 128, else 4 bytes big-endian with the high bit set. */
 static int read_length(const unsigned char *data, Py_ssize_t *pos, Py_ssize_t end,
@@ -77,7 +81,143 @@ fail:
     return NULL;
 }
 
+/* One record header at data[pos]: its type, request id and where its content lies. */
+typedef struct {
+    int type, request_id;
+    Py_ssize_t start, end, next;
+} Record;
+
+static int record_at(const unsigned char *data, Py_ssize_t size, Py_ssize_t pos, Record *r) {
+    if (size - pos < 8 || data[pos] != 1)
+        return 0;
+    Py_ssize_t length = ((Py_ssize_t)data[pos + 4] << 8) | data[pos + 5];
+    r->type = data[pos + 1];
+    r->request_id = (data[pos + 2] << 8) | data[pos + 3];
+    r->start = pos + 8;
+    r->end = r->start + length;
+    r->next = r->end + data[pos + 6];
+    return r->next <= size;
+}
+
+/* CONTENT_LENGTH over maxpost: 1; not over: 0; not plain digits (Python decides): -1. */
+static PyObject *content_length;  /* b"CONTENT_LENGTH", made at import */
+
+static int announced_over(PyObject *params, long long maxpost) {
+    PyObject *value = PyDict_GetItemWithError(params, content_length);  /* borrowed */
+    if (value == NULL && PyErr_Occurred())
+        return -1;
+    if (value == NULL || !PyBytes_Check(value) || PyBytes_GET_SIZE(value) == 0)
+        return 0;
+    Py_ssize_t n = PyBytes_GET_SIZE(value);
+    const char *digits = PyBytes_AS_STRING(value);
+    if (n > 18)
+        return -1;
+    long long number = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (digits[i] < '0' || digits[i] > '9')
+            return -1;
+        number = number * 10 + (digits[i] - '0');
+    }
+    return number > maxpost;
+}
+
+/*
+ * whole_request(data, maxpost, max_params) -> (request_id, keep_conn, params, raw_params,
+ * body) or None. The common case read in one go: data is exactly one RESPONDER request,
+ * BEGIN_REQUEST, at most one PARAMS record with content, the empty one, STDIN records,
+ * the empty one, within the limits. Anything else is None: protocol.Connection then reads
+ * it record by record, as it reads everything when this is not built.
+ */
+static PyObject *whole_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 3 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "whole_request(data: bytes, maxpost, max_params)");
+        return NULL;
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    long long maxpost = PyLong_AsLongLong(args[1]), max_params = PyLong_AsLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    Record r;
+    if (!record_at(data, size, 0, &r) || r.type != 1 || r.request_id == 0
+            || r.end - r.start != 8 || data[r.start] != 0 || data[r.start + 1] != 1)
+        Py_RETURN_NONE;
+    int request_id = r.request_id, keep_conn = data[r.start + 2] & 1;
+    Py_ssize_t pos = r.next, params_start = 0, params_end = 0;
+    int params_records = 0;
+    for (;;) {  /* PARAMS: one with content at most, then the empty one */
+        if (!record_at(data, size, pos, &r) || r.type != 4 || r.request_id != request_id)
+            Py_RETURN_NONE;
+        pos = r.next;
+        if (r.start == r.end)
+            break;
+        if (++params_records > 1 || r.end - r.start > max_params)
+            Py_RETURN_NONE;
+        params_start = r.start;
+        params_end = r.end;
+    }
+    Py_ssize_t body_size = 0, body_from = pos;
+    int body_records = 0;
+    for (;;) {  /* STDIN, then the empty one, which must end the data */
+        if (!record_at(data, size, pos, &r) || r.type != 5 || r.request_id != request_id)
+            Py_RETURN_NONE;
+        pos = r.next;
+        if (r.start == r.end)
+            break;
+        body_size += r.end - r.start;
+        body_records++;
+        if (body_size > maxpost)
+            Py_RETURN_NONE;
+    }
+    if (pos != size)
+        Py_RETURN_NONE;
+    PyObject *params = params_records ? NULL : PyDict_New();
+    if (params_records) {
+        PyObject *pair_args[3] = {args[0], NULL, NULL};
+        pair_args[1] = PyLong_FromSsize_t(params_start);
+        pair_args[2] = PyLong_FromSsize_t(params_end);
+        if (pair_args[1] != NULL && pair_args[2] != NULL)
+            params = decode_pairs(module, pair_args, 3);
+        Py_XDECREF(pair_args[1]);
+        Py_XDECREF(pair_args[2]);
+        if (params == NULL) {  /* malformed pairs: Python reads it and says so */
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+    }
+    if (params == NULL)
+        return NULL;
+    int over = announced_over(params, maxpost);
+    if (over != 0) {  /* announced over maxpost, or Python must read the number */
+        PyErr_Clear();
+        Py_DECREF(params);
+        Py_RETURN_NONE;
+    }
+    PyObject *raw = PyBytes_FromStringAndSize((const char *)data + params_start,
+                                              params_end - params_start);
+    PyObject *body = PyBytes_FromStringAndSize(NULL, body_size);
+    if (raw == NULL || body == NULL) {
+        Py_DECREF(params);
+        Py_XDECREF(raw);
+        Py_XDECREF(body);
+        return NULL;
+    }
+    char *out = PyBytes_AS_STRING(body);
+    for (pos = body_from; body_records > 0; pos = r.next) {
+        record_at(data, size, pos, &r);
+        memcpy(out, data + r.start, (size_t)(r.end - r.start));
+        out += r.end - r.start;
+        body_records--;
+    }
+    return Py_BuildValue("(iONNN)", request_id, keep_conn ? Py_True : Py_False, params, raw,
+                         body);
+}
+
 static PyMethodDef methods[] = {
+    {"whole_request", (PyCFunction)(void (*)(void))whole_request, METH_FASTCALL,
+     "whole_request(data, maxpost, max_params) -> (request_id, keep_conn, params, "
+     "raw_params, body), or None when data is not exactly one simple request."},
     {"decode_pairs", (PyCFunction)(void (*)(void))decode_pairs, METH_FASTCALL,
      "decode_pairs(data, pos, end) -> dict: FastCGI name-value pairs in data[pos:end]; "
      "ValueError (with protocol._decode_pairs's message) when they are truncated."},
@@ -91,5 +231,8 @@ static struct PyModuleDef speedups_module = {
 };
 
 PyMODINIT_FUNC PyInit__speedups(void) {
+    content_length = PyBytes_FromString("CONTENT_LENGTH");
+    if (content_length == NULL)
+        return NULL;
     return PyModule_Create(&speedups_module);
 }

@@ -33,10 +33,11 @@ import struct
 from typing import Dict, Iterable, List, Optional, Set, Tuple, Union
 
 # The compiled PARAMS decoder: setup.py builds it when it can; LUAFCGID_PURE: never used.
-_compiled_decode_pairs = None
+_compiled_decode_pairs = _compiled_whole_request = None
 if not os.environ.get("LUAFCGID_PURE"):
     try:
         from luafcgid._speedups import decode_pairs as _compiled_decode_pairs
+        from luafcgid._speedups import whole_request as _compiled_whole_request
     except ImportError:
         pass
 # True when PARAMS are decoded by the compiled speed-up.
@@ -339,6 +340,17 @@ class Connection:
 
     def receive(self, data: bytes) -> List[Event]:
         """Feed bytes read from the web server, split anywhere; return the events completed."""
+        if (_compiled_whole_request is not None and not self._partial
+                and self._request_id == _NO_REQUEST and not self._refused
+                and data.__class__ is bytes):
+            # One whole request in one input (what a web server sends), read in one C call;
+            # None for anything else, which the loop below reads record by record.
+            whole = _compiled_whole_request(data, self._maxpost, self._max_params)
+            if whole is not None:
+                request_id, self._keep_conn, params, raw_params, body = whole
+                self._last_id = request_id
+                return [Request(request_id, self._keep_conn, params, body, False, 0,
+                                raw_params)]
         if self._partial:
             self._partial += data
             if len(self._partial) < self._needed:

@@ -83,6 +83,73 @@ def test_compiled_params_decoder_answers_as_the_python_one(
     assert answer(compiled) == answer(protocol._python_decode_pairs)
 
 
+# --- a whole request in one input: the same events as the record-by-record reader ------------
+
+CONTENT_LENGTHS = st.sampled_from([b"", b"0", b"5", b"12", b"99999999999999999999", b" 12",
+                                   b"+3", b"abc", b"1_0"])
+
+
+@st.composite
+def inputs(draw: st.DrawFn) -> bytes:
+    """Mostly one well-formed request; sometimes another role, id 0, params or body over
+    several records, a second request or an empty DATA record behind it, a cut, garbage."""
+    request_id = draw(st.sampled_from([1, 1, 2, 0]))
+    params = draw(st.dictionaries(st.binary(min_size=1, max_size=20), st.binary(max_size=40),
+                                  max_size=6))
+    if draw(st.booleans()):
+        params[b"CONTENT_LENGTH"] = draw(CONTENT_LENGTHS)
+    pairs = protocol.encode_pairs(params.items())
+    body = draw(st.binary(max_size=40))
+    role = draw(st.sampled_from([protocol.RESPONDER] * 4 + [protocol.AUTHORIZER]))
+    data = (protocol.begin_request(request_id, draw(st.booleans()), role)
+            + protocol.stream_records(protocol.PARAMS, request_id, pairs,
+                                      draw(st.sampled_from([65535, 65535, 7])))
+            + protocol.stream_records(protocol.STDIN, request_id, body,
+                                      draw(st.sampled_from([65535, 65535, 5]))))
+    tail = draw(st.sampled_from(["", "", "", "", "data", "again", "cut", "garbage"]))
+    if tail == "data":
+        data += protocol.encode_record(protocol.DATA, request_id)
+    elif tail == "again":
+        data += protocol.request_records(1, {b"N": b"2"}, b"x")
+    elif tail == "cut":
+        data = data[:draw(st.integers(0, len(data)))]
+    elif tail == "garbage":
+        data += draw(st.binary(min_size=1, max_size=16))
+    return data
+
+
+def events_of(data: bytes, maxpost: int, max_params: int) -> list:
+    """What a fresh connection makes of ``data`` and then of one more request: each event
+    with the raw params a Request carries (equality leaves them out), or the error."""
+    connection = protocol.Connection(16, 4, maxpost, max_params)
+    answers = []
+    for chunk in (data, protocol.request_records(3, {b"A": b"B"}, b"z")):
+        try:
+            events = connection.receive(chunk)
+        except protocol.ProtocolError as error:
+            answers.append(("error", str(error)))
+            break
+        answers += [(event, getattr(event, "raw_params", None)) for event in events]
+    return answers
+
+
+@settings(max_examples=1500, deadline=None)
+@given(inputs(), st.sampled_from([0, 3, 40, 2**62, 2**62]), st.sampled_from([5, 64, 2**20, 2**20]))
+def test_a_whole_request_read_in_one_call_is_read_as_record_by_record(
+        data: bytes, maxpost: int, max_params: int) -> None:
+    """The compiled reader takes one whole simple request and declines the rest: either
+    way the events, the raw params, the errors and the next request are the Python ones."""
+    compiled_protocol()
+    fast = events_of(data, maxpost, max_params)
+    saved = protocol._compiled_whole_request
+    protocol._compiled_whole_request = None
+    try:
+        pure = events_of(data, maxpost, max_params)
+    finally:
+        protocol._compiled_whole_request = saved
+    assert fast == pure
+
+
 # --- the same answers as Lua's own string.format ------------------------------------------------
 
 FLAGS = "-+ #0"
