@@ -86,12 +86,14 @@ def copy_checkout(target: Path) -> Path:
 class Install:
     """A private clone and a venv with luafcgid installed from it, not editable."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, compiler: bool = True) -> None:
         self.base = base
         self.clone = copy_checkout(base / "luafcgid")
         self.venv = base / "venv"
         self.bin = self.venv / "bin"
         self.seconds = 0.0
+        # Without one, the optional speed-ups fail to build and pip goes on (setup.py).
+        self.env = {**os.environ, **({} if compiler else {"CC": "/bin/false"})}
 
     def create(self) -> Install:
         started = time.monotonic()
@@ -102,7 +104,7 @@ class Install:
                         f"python3-venv): {made.stderr.strip()[-300:]}")
         installed = subprocess.run(
             [str(self.bin / "python"), "-m", "pip", "install", "-q", f"{self.clone}[redis]"],
-            capture_output=True, text=True, timeout=PIP_TIMEOUT)
+            capture_output=True, text=True, timeout=PIP_TIMEOUT, env=self.env)
         assert installed.returncode == 0, installed.stderr[-3000:]
         self.seconds = time.monotonic() - started
         where = "import sysconfig; print(sysconfig.get_path('purelib'))"
@@ -218,6 +220,27 @@ def test_quick_start_as_root_from_a_checkout_only_root_can_read(install):
     log = server.output()
     # The demo runs its workers as root: said once, at start.
     assert log.count("workers run as root") == 1, log
+    # With gcc here, pip built the compiled speed-ups, and the start line says so.
+    assert "compiled speed-ups: " in log and "string.format for Lua 5.4" in log, log
+
+
+def test_without_a_compiler_pip_installs_the_pure_paths_and_says_so(tmp_path):
+    """pip install on a machine without a C compiler: the install succeeds, the start line
+    says the speed-ups were not built, and the examples are served all the same."""
+    install = Install(tmp_path, compiler=False).create()
+    built = list(install.venv.rglob("_speedups*.so"))
+    assert built == []
+    listen = f"127.0.0.1:{free_port()}"
+    config = example_config(install.clone / "examples" / "config.lua",
+                            install.clone / "examples" / "config.lua",
+                            listen=f'"{listen}"', pidfile=f'"{install.base}/pure.pid"')
+    server = Running(install, config, listen, cwd=install.clone)
+    try:
+        page = get(listen, install.clone / "examples" / "hello.lua")
+        assert page.endswith(b"Hello, world!\n"), page
+    finally:
+        assert server.stop() == 0, server.output()
+    assert "compiled speed-ups: not built (no C compiler" in server.output(), server.output()
 
 
 # What else a worker does rarely, so that a lazy import on those paths shows too.
