@@ -5,7 +5,8 @@
  * - decode_pairs(data, pos, end) does what protocol._decode_pairs does, with the same
  *   answers and the same messages;
  * - whole_request(data, maxpost, max_params) reads the common case, one whole request in
- *   one input, in one call, and declines everything else.
+ *   one input, in one call, and declines everything else;
+ * - response_records(request_id, data) frames a whole answer in one allocation.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -214,7 +215,58 @@ static PyObject *whole_request(PyObject *module, PyObject *const *args, Py_ssize
                          body);
 }
 
+/*
+ * response_records(request_id, data) -> bytes: data as STDOUT records of at most 65535
+ * bytes, each padded to a multiple of 8, then the empty STDOUT record and END_REQUEST
+ * (app status 0, REQUEST_COMPLETE): protocol.response_records in one allocation.
+ */
+static PyObject *response_records(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    Py_buffer data;
+    if (nargs != 2 || PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "response_records(request_id: int, data: bytes)");
+        return NULL;
+    }
+    long request_id = PyLong_AsLong(args[0]);
+    if (request_id == -1 && PyErr_Occurred()) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    Py_ssize_t length = data.len, records = (length + 65534) / 65535, size = 24;
+    size += records * 8 + length;
+    for (Py_ssize_t left = length; left > 0; left -= 65535)
+        size += (8 - (left > 65535 ? 65535 : left) % 8) % 8;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    unsigned char *p = (unsigned char *)PyBytes_AS_STRING(out);
+    const unsigned char *from = data.buf;
+    unsigned char hi = (unsigned char)(request_id >> 8), lo = (unsigned char)request_id;
+    for (Py_ssize_t left = length; left > 0;) {
+        Py_ssize_t chunk = left > 65535 ? 65535 : left, padding = (8 - chunk % 8) % 8;
+        unsigned char header[8] = {1, 6, hi, lo, (unsigned char)(chunk >> 8),
+                                   (unsigned char)chunk, (unsigned char)padding, 0};
+        memcpy(p, header, 8);
+        memcpy(p + 8, from, (size_t)chunk);
+        memset(p + 8 + chunk, 0, (size_t)padding);
+        p += 8 + chunk + padding;
+        from += chunk;
+        left -= chunk;
+    }
+    unsigned char end[24] = {1, 6, hi, lo, 0, 0, 0, 0, 1, 3, hi, lo, 0, 8, 0, 0,
+                             0, 0, 0, 0, 0, 0, 0, 0};
+    memcpy(p, end, 24);
+    PyBuffer_Release(&data);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"response_records", (PyCFunction)(void (*)(void))response_records, METH_FASTCALL,
+     "response_records(request_id, data) -> bytes: data as STDOUT records, then the "
+     "stream's end and END_REQUEST."},
     {"whole_request", (PyCFunction)(void (*)(void))whole_request, METH_FASTCALL,
      "whole_request(data, maxpost, max_params) -> (request_id, keep_conn, params, "
      "raw_params, body), or None when data is not exactly one simple request."},

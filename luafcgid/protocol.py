@@ -33,10 +33,11 @@ import struct
 from typing import Dict, Iterable, List, Optional, Set, Tuple, Union
 
 # The compiled PARAMS decoder: setup.py builds it when it can; LUAFCGID_PURE: never used.
-_compiled_decode_pairs = _compiled_whole_request = None
+_compiled_decode_pairs = _compiled_whole_request = _compiled_response_records = None
 if not os.environ.get("LUAFCGID_PURE"):
     try:
         from luafcgid._speedups import decode_pairs as _compiled_decode_pairs
+        from luafcgid._speedups import response_records as _compiled_response_records
         from luafcgid._speedups import whole_request as _compiled_whole_request
     except ImportError:
         pass
@@ -250,11 +251,15 @@ def stdout_records(request_id: int, data: bytes) -> bytes:
     return b"".join(_stdout_parts(request_id, data))
 
 
-def response_records(request_id: int, data: bytes) -> bytes:
+def _python_response_records(request_id: int, data: bytes) -> bytes:
     """A whole answer in one copy: ``data`` as STDOUT records, then :func:`end_request`."""
     parts = _stdout_parts(request_id, data)
     parts.append(end_request(request_id))
     return b"".join(parts)
+
+
+# The compiled one when built: the same bytes (tests/test_speedups.py), one allocation.
+response_records = _compiled_response_records or _python_response_records
 
 
 def _stdout_parts(request_id: int, data: bytes) -> list:

@@ -83,6 +83,16 @@ def test_compiled_params_decoder_answers_as_the_python_one(
     assert answer(compiled) == answer(protocol._python_decode_pairs)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 65535), st.one_of(st.binary(max_size=300),
+                                        st.integers(0, 3 * 65535 + 9).map(lambda n: b"x" * n)))
+def test_compiled_response_framing_gives_the_python_bytes(request_id: int, data: bytes) -> None:
+    """Every length (empty, under and over one record, padding 0-7, several records)."""
+    compiled = compiled_protocol().response_records
+    assert compiled(request_id, data) == protocol._python_response_records(request_id, data)
+    assert compiled(request_id, memoryview(data)) == compiled(request_id, data)
+
+
 # --- a whole request in one input: the same events as the record-by-record reader ------------
 
 CONTENT_LENGTHS = st.sampled_from([b"", b"0", b"5", b"12", b"99999999999999999999", b" 12",
