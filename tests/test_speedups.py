@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, List, Tuple
@@ -342,3 +343,58 @@ def test_luajit_keeps_its_own_format(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert ("compiled speed-ups: PARAMS decoding, PARAMS into Lua (lua = 'luajit' keeps its "
             "own string.format)") in fast[3]
     assert b"Grace Hopper" in fast[0]
+
+
+# --- the compiled watchdog: the slow log, then the timeout, in a worker --------------------------
+
+SLOW_THEN_STUCK = """local function busy(seconds)
+  local start = os.clock()
+  while os.clock() - start < seconds do end
+end
+
+function main(env, con)
+  busy(0.3)
+  if env.QUERY_STRING == "forever" then
+    while true do end
+  end
+  con:puts("done")
+end
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["5.4", "5.1"])
+def test_compiled_watchdog_logs_slow_requests_then_stops_runaways(tmp_path: Path,
+                                                                   name: str) -> None:
+    """Under the compiled watchdog a slow request gets its slow-log entry at
+    slowlog_timeout and completes (the watch is armed again for the timeout); a runaway
+    gets its entry, then its 500 at timeout; the worker serves on."""
+    need_lua_speedups(name)
+    docroot = write_scripts(tmp_path / "www", {"slow.lua": SLOW_THEN_STUCK})
+    listen = str(tmp_path / "fcgi.sock")
+    slow_log = tmp_path / "slow.log"
+    config = write_config(tmp_path / "config.lua", listen=listen, lua=name, processes=1,
+                          pidfile=str(tmp_path / "luafcgid.pid"), user="root", timeout=1,
+                          slowlog=str(slow_log), slowlog_timeout=0.1)
+    server = Server(config, listen).start()
+    try:
+        params = {"SCRIPT_FILENAME": str(docroot / "slow.lua"), "REQUEST_METHOD": "GET",
+                  "REQUEST_URI": "/slow.lua"}
+        assert fcgi_call(listen, params).endswith(b"done")
+        (worker,) = workers_of(server.pid)
+        began = time.monotonic()
+        stuck = fcgi_call(listen, {**params, "QUERY_STRING": "forever",
+                                   "REQUEST_URI": "/slow.lua?forever"})
+        took = time.monotonic() - began
+        assert stuck.startswith(b"Status: 500") and 1.0 <= took < 3.0, (stuck, took)
+        assert fcgi_call(listen, params).endswith(b"done")
+        assert workers_of(server.pid) == {worker}
+        entries = slow_log.read_text().count("slow request: script")
+        assert entries == 3, slow_log.read_text()  # one per request, the runaway's included
+        assert "uri /slow.lua?forever, running for 0.1" in slow_log.read_text()
+        assert "slow.lua:3: in " in slow_log.read_text()  # busy(), running at 0.1 s
+        wait_until(lambda: "timeout: the handler ran for 1." in server.output(),
+                   what="the timeout's log line")
+        assert "compiled speed-ups" in server.output()
+    finally:
+        server.stop()
