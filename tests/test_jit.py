@@ -66,12 +66,14 @@ def jit_status(tmp_path: Path, **settings: object) -> bytes:
         cache.close()
 
 
+@pytest.mark.slow
 def test_the_jit_is_off_by_default_and_on_with_jit_true(tmp_path: Path) -> None:
     assert jit_status(tmp_path).startswith(b"false ")
     assert jit_status(tmp_path, jit=False).startswith(b"false ")
     assert jit_status(tmp_path, jit=True).startswith(b"true ")
 
 
+@pytest.mark.slow
 def test_jit_true_with_another_lua_is_refused_naming_the_key_and_the_lua(
         tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as refused:
@@ -103,6 +105,7 @@ def status_of(site: Site) -> List[str]:
     return response.body.decode().split()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runaway", sorted(RUNAWAYS))
 def test_a_compiled_runaway_is_ended_by_the_master_and_the_other_worker_serves(
         tmp_path: Path, runaway: str) -> None:
