@@ -561,26 +561,30 @@ def _exceeds(content_length: bytes, maxpost: int) -> bool:
 # ProtocolError, as on the server's side.
 
 
-class Stdout(_Event):
+class _StreamData(_Event):
+    """Content of one record of an output stream (never empty)."""
+
+    __slots__ = ("request_id", "data")
+    _fields = __slots__  # the subclasses' own __slots__ are empty
+    record_type = 0
+
+    def __init__(self, request_id: int, data: bytes) -> None:
+        self.request_id = request_id
+        self.data = data
+
+
+class Stdout(_StreamData):
     """Content of one STDOUT record (never empty)."""
 
-    __slots__ = ("request_id", "data")
+    __slots__ = ()
     record_type = STDOUT
 
-    def __init__(self, request_id: int, data: bytes) -> None:
-        self.request_id = request_id
-        self.data = data
 
-
-class Stderr(_Event):
+class Stderr(_StreamData):
     """Content of one STDERR record (never empty)."""
 
-    __slots__ = ("request_id", "data")
+    __slots__ = ()
     record_type = STDERR
-
-    def __init__(self, request_id: int, data: bytes) -> None:
-        self.request_id = request_id
-        self.data = data
 
 
 class EndRequest(_Event):

@@ -201,14 +201,19 @@ def sign_in_and_visit(listen: str, www: Path, name: str) -> None:
     assert f"Hello, {name}: visit 1 of this session.".encode() in visit, visit
 
 
-def test_quick_start_as_root_from_a_checkout_only_root_can_read(install):
+def start_quick(install: Install, pidfile: str) -> Running:
     """The README's quick start, as written but for the port and pidfile (tests run side
-    by side): start from the clone, then ask for examples/hello.lua."""
+    by side): ``luafcgid start -F -c examples/config.lua`` in the clone."""
     listen = f"127.0.0.1:{free_port()}"
     config = example_config(install.clone / "examples" / "config.lua",
                             install.clone / "examples" / "config.lua",
-                            listen=f'"{listen}"', pidfile=f'"{install.base}/quick.pid"')
-    server = Running(install, config, listen, cwd=install.clone)
+                            listen=f'"{listen}"', pidfile=f'"{install.base}/{pidfile}"')
+    return Running(install, config, listen, cwd=install.clone)
+
+
+def test_quick_start_as_root_from_a_checkout_only_root_can_read(install):
+    """The quick start: start from the clone, then ask for examples/hello.lua."""
+    server = start_quick(install, "quick.pid")
     try:
         answer = subprocess.run(
             [str(install.bin / "luafcgid"), "request", "-c", "examples/config.lua",
@@ -230,13 +235,9 @@ def test_without_a_compiler_pip_installs_the_pure_paths_and_says_so(tmp_path):
     install = Install(tmp_path, compiler=False).create()
     built = list(install.venv.rglob("_speedups*.so"))
     assert built == []
-    listen = f"127.0.0.1:{free_port()}"
-    config = example_config(install.clone / "examples" / "config.lua",
-                            install.clone / "examples" / "config.lua",
-                            listen=f'"{listen}"', pidfile=f'"{install.base}/pure.pid"')
-    server = Running(install, config, listen, cwd=install.clone)
+    server = start_quick(install, "pure.pid")
     try:
-        page = get(listen, install.clone / "examples" / "hello.lua")
+        page = get(server.listen, install.clone / "examples" / "hello.lua")
         assert page.endswith(b"Hello, world!\n"), page
     finally:
         assert server.stop() == 0, server.output()
