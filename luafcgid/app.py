@@ -35,10 +35,11 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 from luafcgid import privileges, protocol, status
 from luafcgid.config import Settings
 from luafcgid.log import log
-from luafcgid.lua import ScriptError, StateCache
+from luafcgid.lua import ScriptError, StateCache, slowlog
 from luafcgid.lua import runtime as lua_runtime
+from luafcgid.lua.session import SessionBridge
 from luafcgid.protocol import Request
-from luafcgid.response import error_page
+from luafcgid.response import answer, error_page
 
 # The prefixes Apache's mod_proxy_fcgi (and mod_proxy_balancer) put before the path in
 # SCRIPT_FILENAME with its default ``ProxyFCGIBackendType FPM``.
@@ -106,7 +107,12 @@ class Application:
 
     def __init__(self, settings: Settings, worker_number: int = 1) -> None:
         self.settings = settings
-        self.cache = StateCache(settings, worker_number)
+        # What the Lua side shares with the process: the session store the ``Session``
+        # global reaches (swept at each heartbeat), and the slow log its watchdog writes.
+        self.sessions = SessionBridge(settings)
+        if settings.slowlog_timeout:
+            slowlog.open_log(settings.slowlog)
+        self.cache = StateCache(settings, worker_number, sessions=self.sessions)
         self.extensions = tuple(settings.extensions)
         self.byte_extensions = tuple(os.fsencode(extension) for extension in self.extensions)
         self.root = os.fsencode(settings.root) if settings.root else b""
@@ -355,29 +361,35 @@ class Application:
 
     def own_page(self, content_type: str, body: bytes) -> bytes:
         """A 200 answer of the server's own (never cached: the figures change)."""
-        return (b"Status: 200 OK\r\nContent-Type: " + content_type.encode() + b"\r\n"
-                + self.settings.headers + b"Cache-Control: no-store\r\nContent-Length: "
-                + str(len(body)).encode() + b"\r\n\r\n" + body)
+        return answer(200, content_type.encode(), self.settings.headers, body,
+                      b"Cache-Control: no-store\r\n")
 
     def figures(self) -> dict:
-        """What this process alone knows of itself (no worker around it)."""
-        return {"pid": os.getpid(), "requests": self.requests, "states": self.states_loaded()}
+        """What this process knows of itself: requests taken, states loaded, slow requests
+        logged, and ``oldest``: seconds the longest-running request has run (0 when none),
+        with its ``oldest_script`` and ``oldest_uri`` — the master kills a worker whose
+        request overran ``timeout`` (arbiter.py) and names that request in its log."""
+        seconds, params = self.cache.longest_running()
+        figures = {"pid": os.getpid(), "requests": self.requests, "states": len(self.cache),
+                   "oldest": round(seconds, 3), "slow": slowlog.recorded()}
+        if figures["oldest"] and params:
+            figures["oldest_script"] = params.get(b"SCRIPT_FILENAME", b"").decode(
+                "utf-8", "replace")
+            figures["oldest_uri"] = params.get(b"REQUEST_URI", b"").decode("utf-8", "replace")
+        return figures
 
     def sweep(self) -> int:
         """Heartbeat work: remove expired sessions, drop states whose files changed."""
-        self.cache.sessions.sweep()
+        self.sessions.sweep()
         return self.cache.sweep()
 
     def oldest_running(self) -> float:
         """Seconds the longest-running request has run (0 when none)."""
         return self.cache.oldest_running()
 
-    def states_loaded(self) -> int:
-        return len(self.cache)
-
     def close(self) -> None:
         self.cache.close()
-        self.cache.sessions.close()
+        self.sessions.close()
 
 
 

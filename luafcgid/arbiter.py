@@ -492,26 +492,16 @@ class Arbiter:
 
     def spawn(self, number: int) -> None:
         assert self.listener is not None
-        read_fd, write_fd = os.pipe()
-        # Blocked across the fork: until the child has dropped the master's handlers, a
-        # signal reaching it would land in the master's wakeup pipe.
-        signal.pthread_sigmask(signal.SIG_BLOCK, MASTER_SIGNALS)
         try:
-            pid = os.fork()
+            pid, fd = privileges.fork_with_pipe(MASTER_SIGNALS)
         except OSError as error:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
-            os.close(read_fd)
-            os.close(write_fd)
             self.spawn_after = time.monotonic() + FORK_RETRY
             log.error("cannot fork a worker (%s): retrying in %g s", error.strerror, FORK_RETRY)
             return
         if pid == 0:
-            os.close(read_fd)
-            self.become_worker(number, write_fd)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, MASTER_SIGNALS)
-        os.close(write_fd)
-        os.set_blocking(read_fd, False)
-        self.workers[pid] = WorkerProcess(number, pid, read_fd, self.generation, self.listener,
+            self.become_worker(number, fd)  # the child: fd is the pipe's write end
+        os.set_blocking(fd, False)
+        self.workers[pid] = WorkerProcess(number, pid, fd, self.generation, self.listener,
                                           unanswered_since=time.monotonic())
         self.status_dirty = True
         log.debug("worker %d started (pid %d)", number, pid)

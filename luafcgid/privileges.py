@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import pwd
 import signal
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 # (uid, gid, user name) the workers switch to.
 Owner = Tuple[int, int, str]
@@ -47,32 +47,50 @@ def unreachable(owner: Owner, checks: List[Check]) -> Optional[str]:
     Forks a child that switches to ``owner`` and looks; every signal stays blocked in it
     (the master's handlers would otherwise write into the master's wakeup pipe).
     """
-    read_fd, write_fd = os.pipe()
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
-        pid = os.fork()
+        pid, fd = fork_with_pipe(signal.valid_signals())
     except OSError as error:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        os.close(read_fd)
-        os.close(write_fd)
         return f"cannot fork to check what user {owner[2]} can reach: {error.strerror}"
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
-            os.close(read_fd)
             drop(owner)
-            os.write(write_fd, (_first_problem(owner[2], checks) or "").encode())
+            os.write(fd, (_first_problem(owner[2], checks) or "").encode())
             code = 0
         finally:
             os._exit(code)
-    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as answer:
+    with os.fdopen(fd, "rb") as answer:
         problem = answer.read().decode(errors="replace")
     _, status = os.waitpid(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0 and not problem:
         return f"could not check what user {owner[2]} can reach (the probe failed)"
     return problem or None
+
+
+def fork_with_pipe(blocked: Iterable[int]) -> Tuple[int, int]:
+    """Fork a child (a worker, or a probe) with a pipe from it to this process.
+
+    The ``blocked`` signals stay blocked across the fork: until the child has dropped the
+    master's handlers, a signal reaching it would land in the master's wakeup pipe. The
+    parent gets its signal mask back; the child keeps them blocked. Returns (pid, the
+    pipe's read end) in the parent, (0, its write end) in the child. Raises OSError when
+    it cannot fork, with nothing left open.
+    """
+    read_fd, write_fd = os.pipe()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(read_fd)
+        os.close(write_fd)
+        raise
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read_fd)
+        return 0, write_fd
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    os.close(write_fd)
+    return pid, read_fd
 
 
 def _first_problem(user: str, checks: List[Check]) -> Optional[str]:

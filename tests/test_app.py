@@ -9,6 +9,7 @@ import pytest
 from luafcgid.app import Application
 from luafcgid.config import from_mapping
 from luafcgid.protocol import Request
+from luafcgid.response import body_bytes, error_page, status_of
 
 HELLO = 'function main(env, con) con:puts("hi") end'
 
@@ -19,10 +20,6 @@ def request(filename, body=b"", too_large=False, **params):
         values[b"SCRIPT_FILENAME"] = filename if isinstance(filename, bytes) else filename.encode()
     values.update({k.encode(): v.encode() for k, v in params.items()})
     return Request(1, True, values, body, too_large)
-
-
-def status_of(output: bytes) -> int:
-    return int(output.split(b"\r\n", 1)[0].split()[1])
 
 
 @pytest.fixture
@@ -349,3 +346,17 @@ def test_head_of_the_status_page_has_no_body(www):
     output = app.handle(request(None, SCRIPT_NAME="/ping", REQUEST_METHOD="HEAD"),
                         lambda data: None, 1)
     assert output.endswith(b"Content-Length: 4\r\n\r\n")
+
+
+def test_the_server_s_own_answer_has_one_head_shape_that_the_access_log_reads_back() -> None:
+    body = b"503 Service Unavailable\nbusy; try again\n"
+    page = error_page(503, b"X-Served-By: me\r\n", "busy; try again", b"Retry-After: 1\r\n")
+    assert page == (b"Status: 503 Service Unavailable\r\n"
+                    b"Content-Type: text/plain; charset=utf-8\r\n"
+                    b"X-Served-By: me\r\nRetry-After: 1\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    assert status_of(page) == 503
+    assert body_bytes(page, len(page)) == len(body)
+    # A head that does not start with Status (never ours) logs status 0, all bytes as body.
+    assert status_of(b"Content-Type: text/html\r\n\r\nhi") == 0
+    assert body_bytes(b"no head at all", 14) == 14

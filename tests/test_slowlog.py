@@ -12,6 +12,7 @@ from typing import Iterator, List
 
 import pytest
 
+from luafcgid.app import Application
 from luafcgid.config import from_mapping
 from luafcgid.lua import StateCache, slowlog
 from tests.support import Site
@@ -38,6 +39,12 @@ def slow_log_back_to_default() -> Iterator[None]:
     slowlog.open_log(None)
 
 
+def slow_cache(settings: dict) -> StateCache:
+    """The state cache of an application made with ``settings``: the application opens
+    the slow log."""
+    return Application(from_mapping(settings)).cache
+
+
 def serve(cache: StateCache, script: str, uri: bytes = b"/slow.lua?x=1") -> bytes:
     state = cache.acquire(script, "")
     try:
@@ -58,8 +65,8 @@ def test_one_entry_with_the_traceback_while_the_request_completes(tmp_path: Path
     path = tmp_path / "slow.log"
     script = tmp_path / "slow.lua"
     script.write_text(SLOW)
-    cache = StateCache(from_mapping({"lua": lua, "slowlog": str(path),
-                                     "slowlog_timeout": 0.2, "timeout": 10}))
+    cache = slow_cache({"lua": lua, "slowlog": str(path), "slowlog_timeout": 0.2,
+                        "timeout": 10})
     assert serve(cache, str(script)).endswith(b"done")
     found = entries(path)
     assert len(found) == 1, path.read_text()
@@ -76,7 +83,7 @@ def test_fast_requests_leave_no_entry(tmp_path: Path) -> None:
     path = tmp_path / "slow.log"
     script = tmp_path / "fast.lua"
     script.write_text('function main(env, con) con:puts("quick") end')
-    cache = StateCache(from_mapping({"slowlog": str(path), "slowlog_timeout": 0.2}))
+    cache = slow_cache({"slowlog": str(path), "slowlog_timeout": 0.2})
     for _ in range(3):
         assert serve(cache, str(script)).endswith(b"quick")
     assert entries(path) == []
@@ -86,7 +93,7 @@ def test_without_a_slowlog_file_entries_go_to_the_error_log(tmp_path: Path,
                                                             log_lines: List[str]) -> None:
     script = tmp_path / "slow.lua"
     script.write_text(SLOW)
-    cache = StateCache(from_mapping({"slowlog_timeout": 0.2}))
+    cache = slow_cache({"slowlog_timeout": 0.2})
     assert serve(cache, str(script)).endswith(b"done")
     slow = [line for line in log_lines if "slow request" in line]
     assert len(slow) == 1 and "slow.lua:7: in function" in slow[0], log_lines
@@ -109,7 +116,7 @@ def test_an_unwritable_slow_log_falls_back_to_the_error_log(tmp_path: Path,
     script = tmp_path / "slow.lua"
     script.write_text(SLOW)
     missing = tmp_path / "no" / "such" / "dir" / "slow.log"
-    cache = StateCache(from_mapping({"slowlog": str(missing), "slowlog_timeout": 0.2}))
+    cache = slow_cache({"slowlog": str(missing), "slowlog_timeout": 0.2})
     assert any(f"cannot open the slow log {missing}" in line for line in log_lines)
     assert serve(cache, str(script)).endswith(b"done")
     assert sum("slow request: script" in line for line in log_lines) == 1, log_lines

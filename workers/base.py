@@ -18,11 +18,13 @@ Signals from the master:
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import random
 import signal
 import socket
+import time
 from typing import Optional
 
 from setproctitle import setproctitle
@@ -32,13 +34,24 @@ from luafcgid import signals
 from luafcgid.app import Application, prepare_worker_process
 from luafcgid.config import Settings
 from luafcgid.log import log
-from luafcgid.lua import slowlog
-from luafcgid.protocol import Request
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 # The master's signals: a worker leaves them to the master (Ctrl-C in a terminal reaches the
 # whole process group; the master turns it into a stop for everyone).
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+
+
+class Phase(enum.Enum):
+    """Where a worker is in its life; it only moves down the list."""
+
+    BOOTING = "booting"              # a failure now is a boot failure
+    SERVING = "serving"
+    STOPPING = "stopping"            # TERM: no new connections, in-flight requests finish
+    STOPPING_FAST = "stopping fast"  # INT/QUIT: in-flight requests are not waited for
+
+
+# For the serving loop's checks: a module global, not an attribute lookup on Phase.
+SERVING = Phase.SERVING
 
 
 class Worker:
@@ -51,13 +64,17 @@ class Worker:
         self.settings = settings
         self.report_fd = report_fd
         self.pid = self.ppid = 0    # known in run(), in the child
-        self.alive = True           # False once a stop was asked for
-        self.booted = False         # True once it serves: a failure before is a boot failure
-        self.fast_exit = False      # INT/QUIT: do not wait for in-flight requests
+        self.phase = Phase.BOOTING
+        self.stop_deadline = 0.0    # stopping: when in-flight requests are waited for no more
         self.app: Optional[Application] = None
         self.max_requests = self._request_limit(settings)
         self.signal_read_fd = -1
         self.signal_write_fd = -1
+
+    @property
+    def booted(self) -> bool:
+        """It came to serve: a failure from then on is not a boot failure."""
+        return self.phase is not Phase.BOOTING
 
     @staticmethod
     def _request_limit(settings: Settings) -> int:
@@ -76,7 +93,8 @@ class Worker:
         self.app = Application(self.settings, self.number)
         self.init_signals()
         log.debug("worker %d booted (pid %d)", self.number, self.pid)
-        self.booted = True
+        if self.phase is Phase.BOOTING:  # (a stop asked for meanwhile stands)
+            self.phase = Phase.SERVING
         try:
             self.serve()
         finally:
@@ -111,8 +129,12 @@ class Worker:
             logging_setup.reopen()
 
     def stop(self, fast: bool) -> None:
-        self.alive = False
-        self.fast_exit = self.fast_exit or fast
+        """Ask the serving loop to stop (any thread); a fast stop overrides a graceful one."""
+        if self.phase is Phase.SERVING or self.phase is Phase.BOOTING:
+            self.stop_deadline = time.monotonic() + self.settings.graceful_timeout
+            self.phase = Phase.STOPPING
+        if fast:
+            self.phase = Phase.STOPPING_FAST
         self.wake()
 
     # -- heartbeat and figures ------------------------------------------------------------
@@ -126,27 +148,13 @@ class Worker:
         self.report()
 
     def figures(self) -> dict:
-        """``oldest``: seconds the longest-running request has run (0 when none): the
-        master kills a worker whose request overran ``timeout`` (arbiter.py) and names
-        that request's ``oldest_script`` and ``oldest_uri`` in its log."""
+        """The application's figures (:meth:`Application.figures`: ``oldest`` among them,
+        which the master watches) with this process's pid and busy threads."""
         assert self.app is not None
-        figures = {"pid": self.pid, "requests": self.app.requests, "busy": self.busy_threads(),
-                   "states": self.app.states_loaded(),
-                   "oldest": round(self.app.oldest_running(), 3), "slow": slowlog.recorded()}
-        oldest = self.oldest_request()
-        if figures["oldest"] and oldest is not None:
-            params = oldest.params
-            figures["oldest_script"] = params.get(b"SCRIPT_FILENAME", b"").decode(
-                "utf-8", "replace")
-            figures["oldest_uri"] = params.get(b"REQUEST_URI", b"").decode("utf-8", "replace")
-        return figures
+        return {**self.app.figures(), "pid": self.pid, "busy": self.busy_threads()}
 
     def busy_threads(self) -> int:
         return 0
-
-    def oldest_request(self) -> Optional[Request]:
-        """The request running longest now (None when none runs, or when not known)."""
-        return None
 
     def report(self, **extra: object) -> None:
         """Write one JSON line of figures to the master (nothing when run alone)."""
@@ -161,7 +169,8 @@ class Worker:
     def request_done(self) -> None:
         """Called after each request: retire after ``max_requests``."""
         assert self.app is not None
-        if self.max_requests and self.alive and self.app.requests >= self.max_requests:
+        if (self.max_requests and self.phase is SERVING
+                and self.app.requests >= self.max_requests):
             log.info("worker %d: served %d requests (max_requests), retiring",
                      self.number, self.app.requests)
             self.report(retiring=True)

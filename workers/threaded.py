@@ -5,10 +5,10 @@ reads and parses records (luafcgid.protocol), so an idle kept-alive
 connection, or a client sending one byte a second, costs no thread.
 
 The loop is a baton passed between the ``workers`` threads, not a thread of
-its own. The thread holding it runs complete requests inline, which costs
-no thread switch — handing every request to a pool thread measured ~18 µs of
-CPU per request, more than all the rest of the work. If a Lua call keeps the
-holder longer than ``HANDOFF_AFTER``, the standby thread takes the baton and
+its own (workers/baton.py). The thread holding it runs complete requests inline,
+which costs no thread switch — handing every request to a pool thread cost more
+CPU than all the rest of the work (docs/design.rst). If a Lua call keeps the
+holder longer than ``baton.HANDOFF_AFTER``, the standby thread takes the baton and
 goes on serving the other connections; the old holder finishes its request
 and waits to be needed again. So a slow script delays the others by 5 to
 10 ms at most, and at most ``workers`` requests run at once.
@@ -22,11 +22,11 @@ A new connection is read at once: the web server writes its request right
 after connecting, so it is usually there. A connection whose only request
 (no KEEP_CONN) came whole with that first read is never registered with the
 selector: answered, then closed, it costs no epoll_ctl calls and no extra
-loop round (~16 µs of CPU per connection otherwise).
+loop round.
 
 Selector changes are the holder's job, so the selector's table never goes
 stale: the holder closes a non-kept connection it answered itself; another
-thread hands it to the loop (``to_watch``) to close. A connection the loop
+thread hands it to the loop (``handed_over``) to close. A connection the loop
 gives up on while a thread still writes to it is closed by that thread when
 it finishes.
 """
@@ -46,9 +46,11 @@ from typing import Optional, Union
 import psutil
 
 from luafcgid import protocol
+from luafcgid.config import Settings
 from luafcgid.log import AccessLog, log, open_access_log
-from luafcgid.response import error_page
-from luafcgid.workers.base import Worker
+from luafcgid.response import body_bytes, error_page, status_of
+from luafcgid.workers.base import SERVING, Phase, Worker
+from luafcgid.workers.baton import Baton
 
 # At its connection cap (max_connections) a worker closes an idle kept-alive connection to
 # take a new one; with none idle it leaves the listener alone (new connections wait in the
@@ -56,20 +58,13 @@ from luafcgid.workers.base import Worker
 # for SHED_AFTER seconds with connections still waiting, it answers those 503.
 SHED_AFTER = 1.0
 # Bytes asked of one recv(): a whole FastCGI record fits. Python allocates the full size
-# before the call; at 128 KiB and more glibc serves that with mmap/munmap, ~8 µs per recv.
+# before the call; from 128 KiB glibc serves that with mmap/munmap, a cost per recv.
 READ_SIZE = 64 * 1024
 ACCEPT_BATCH = 64
 # Every recv and send on an accepted socket: never wait, whatever the socket's mode.
 DONTWAIT = socket.MSG_DONTWAIT
 # How often the loop looks at its parent, its stop deadline and stalled clients.
 TICK = 1.0
-# How long a Lua call may hold the event loop before the standby thread takes it over;
-# also how often the standby looks. Each look takes the GIL from the holder (two thread
-# switches): at 2 ms that cost ~2.5 µs of CPU per request at 45k req/s, at 5 ms ~0.6 µs.
-HANDOFF_AFTER = 0.005
-# Idle polls after which the standby stops polling until the next request starts (an idle
-# worker then costs no CPU).
-PARK_AFTER_POLLS = int(1.0 / HANDOFF_AFTER)
 # Closing a connection whose answer may not all be on its way yet: seconds we read (and
 # drop) what the client still sends, waiting for it to close (Apache's lingering close;
 # see ThreadWorker.linger), and the answer size from which that is done. A local peer
@@ -81,22 +76,24 @@ Job = Union[protocol.Request, bytes]
 
 
 class Connection:
-    """One client connection: its socket, its record parser, and who holds it."""
+    """One client connection: its socket, its FastCGI side (``fastcgi``: the records read
+    so far, sans I/O), and who holds it."""
 
-    __slots__ = ("sock", "fd", "parser", "lock", "busy", "pending", "closed", "finished",
+    __slots__ = ("sock", "fd", "fastcgi", "lock", "working", "pending", "closed",
+                 "last_request_in",
                  "request_id", "send_timeout", "head", "streamed", "outbox", "stalled_since",
                  "events", "shed", "big", "lingering")
 
-    def __init__(self, sock: socket.SocketType, parser: protocol.Connection, lock: threading.Lock,
-                 send_timeout: float) -> None:
+    def __init__(self, sock: socket.SocketType, fastcgi: protocol.Connection,
+                 lock: threading.Lock, send_timeout: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()    # its key in the worker's table, kept while it is open
-        self.parser = parser
-        self.lock = lock           # the worker's lock: guards busy, pending, closed, outbox
-        self.busy = False          # a pool thread is answering a request on it
-        self.pending: collections.deque = collections.deque()  # jobs waiting for that thread
-        self.closed = False        # the loop dropped it while busy: the thread closes it
-        self.finished = False      # its last request (no KEEP_CONN) is in: close once answered
+        self.fastcgi = fastcgi
+        self.lock = lock           # the worker's lock: guards working, pending, closed, outbox
+        self.working = False       # a job of it is queued or running (later ones: pending)
+        self.pending: collections.deque = collections.deque()  # jobs waiting for that one
+        self.closed = False        # the loop dropped it while working: the thread closes it
+        self.last_request_in = False  # its last request (no KEEP_CONN) is in: close once answered
         self.request_id = 0
         self.send_timeout = send_timeout
         self.head = b""            # with an access log: the first output flushed early ...
@@ -178,34 +175,30 @@ def send_all(sock: socket.SocketType, data: bytes, timeout: float) -> None:
 class ThreadWorker(Worker):
     """Serves FastCGI with ``workers`` threads passing the event loop between them."""
 
-    def serve(self) -> None:
+    def __init__(self, number: int, listener: socket.socket, settings: Settings,
+                 report_fd: Optional[int] = None) -> None:
+        super().__init__(number, listener, settings, report_fd)
         self.selector = selectors.DefaultSelector()
         self.connections: dict[int, Connection] = {}
         self.ready: collections.deque = collections.deque()  # (connection, job) to run, in order
-        self.lock = threading.Lock()
-        self.baton = threading.Condition(self.lock)
-        self.standby_wakeup = threading.Condition(self.lock)
-        self.standby_parked = False  # the standby waits for the next request to start
-        self.holder = 0            # number of the thread holding the event loop (0: nobody)
-        self.standby = 0           # number of the thread watching the holder (0: nobody)
-        self.running_since = 0.0   # when the holder started its current request (0: doing I/O)
-        self.finished = False      # the loop has ended: threads leave
-        self.busy = 0              # connections with a request queued or running
+        self.lock = threading.Lock()  # guards ready, working_connections, handed_over, baton
+        self.baton = Baton(self.lock)
+        self.working_connections = 0  # connections with a job queued or running
         self.accepting = False
-        self.stop_deadline: Optional[float] = None
-        self.to_watch: collections.deque = collections.deque()  # connections with an outbox
+        # Connections a thread that lost the loop handed over: an outbox to write, or done.
+        self.handed_over: collections.deque = collections.deque()
         self.next_tick = 0.0
         self.full_since = 0.0      # when the connection cap was last reached (0: not full)
         # The answer to a connection taken over the cap (shed_overflow).
-        self.overloaded = error_page(503, self.settings.headers + b"Retry-After: 1\r\n",
-                                     "every connection of this worker is busy; try again")
-        # thread number → (start, request) of the request it runs: the oldest one is named
-        # in the heartbeat report, for the master's log if it has to kill this worker.
-        self.running: dict[int, tuple[float, protocol.Request]] = {}
+        self.overloaded = error_page(503, settings.headers,
+                                     "every connection of this worker is busy; try again",
+                                     b"Retry-After: 1\r\n")
         # maxpost = 0 means no limit, as nginx's client_max_body_size 0 and PHP's
         # post_max_size = 0 do.
-        self.maxpost = self.settings.maxpost or sys.maxsize
-        self.access_log: Optional[AccessLog] = None
+        self.maxpost = settings.maxpost or sys.maxsize
+        self.access_log: Optional[AccessLog] = None  # opened as serving starts
+
+    def serve(self) -> None:
         if self.settings.access_log:
             self.access_log = open_access_log(self.settings.access_log,
                                               self.settings.access_log_format, self.number)
@@ -223,9 +216,9 @@ class ThreadWorker(Worker):
             self.thread_main(1)
         finally:
             for thread in others:
-                thread.join(0.5 if self.fast_exit else 5)
+                thread.join(0.5 if self.phase is Phase.STOPPING_FAST else 5)
             self.selector.close()
-            if self.running:
+            if self.app.oldest_running():
                 self.end_abandoned_children()
 
     def end_abandoned_children(self) -> None:
@@ -236,83 +229,36 @@ class ThreadWorker(Worker):
         except psutil.Error:
             return
         if children:
-            log.warning("worker %d: stopping with %d request(s) still running: killing the "
-                        "%d process(es) they started", self.number, len(self.running),
-                        len(children))
+            log.warning("worker %d: stopping with request(s) still running: killing the "
+                        "%d process(es) they started", self.number, len(children))
         for child in children:
             try:
                 child.kill()
             except psutil.Error:
                 pass
 
-    # -- passing the baton ----------------------------------------------------------------
-
     def thread_main(self, me: int) -> None:
-        while self.take_baton(me):
+        """A thread's life: hold the event loop whenever the baton comes to it."""
+        while self.baton.take(me):
             try:
                 self.hold_loop(me)
             except BaseException:
-                self.end_loop()
+                self.baton.end()
                 raise
-
-    def take_baton(self, me: int) -> bool:
-        """Wait until this thread holds the event loop; False once the worker is done."""
-        idle_polls = 0
-        while True:
-            with self.baton:
-                if self.finished:
-                    return False
-                if not self.holder:
-                    self.holder = me
-                    return True
-                if not self.standby:
-                    self.standby = me
-                if self.standby != me:
-                    self.baton.wait()
-                    continue
-                if idle_polls >= PARK_AFTER_POLLS:
-                    self.standby_parked = True
-                    self.standby_wakeup.wait()  # run_ready wakes it as a request starts
-                    idle_polls = 0
-                    continue
-            # The standby polls without the lock: taking it 500 times a second made the
-            # holder wait for it (measured: ~1 µs of CPU per request at 40k req/s).
-            time.sleep(HANDOFF_AFTER)
-            since = self.running_since
-            if not since:
-                idle_polls += 1
-            elif time.monotonic() - since > HANDOFF_AFTER and self.take_over(me, since):
-                return True
-            else:
-                idle_polls = 0
-
-    def take_over(self, me: int, since: float) -> bool:
-        """The standby takes the loop from a holder still in the request begun at ``since``."""
-        with self.baton:
-            if self.finished or self.standby != me or self.running_since != since:
-                return False
-            self.holder, self.standby, self.running_since = me, 0, 0.0
-            self.baton.notify()  # another thread becomes the standby
-            return True
-
-    def end_loop(self) -> None:
-        with self.baton:
-            self.finished = True
-            self.baton.notify_all()
-            self.standby_wakeup.notify_all()
 
     # -- the event loop -------------------------------------------------------------------
 
     def hold_loop(self, me: int) -> None:
         """Serve until the baton is taken away or the worker stops."""
         while True:
-            if not self.alive and self.stopped():
-                self.end_loop()
+            serving = self.phase is SERVING
+            if not serving and self.wind_down():
+                self.baton.end()
                 return
-            while self.to_watch:
-                self.update(self.to_watch.popleft())
+            while self.handed_over:
+                self.settle(self.handed_over.popleft())
             for key, mask in self.selector.select(0 if self.ready else
-                                                  TICK if self.alive else 0.05):
+                                                  TICK if serving else 0.05):
                 if key.data is None:
                     self.accept()
                 elif key.data == "signals":
@@ -344,36 +290,37 @@ class ThreadWorker(Worker):
             self.stop(fast=False)
 
     def run_ready(self, me: int) -> bool:
-        """Run the requests read so far; False when the baton was taken meanwhile."""
+        """Run the requests read so far; False when the baton was taken meanwhile (the
+        holder's side of workers/baton.py)."""
+        baton, lock, ready = self.baton, self.lock, self.ready
         while True:
-            with self.lock:
-                if self.holder != me:
+            with lock:
+                if baton.holder != me:
                     return False
-                if not self.ready:
-                    self.running_since = 0.0
+                if not ready:
+                    baton.running_since = 0.0
                     return True
-                connection, job = self.ready.popleft()
-                self.running_since = time.monotonic()
-                if self.standby_parked:
-                    self.standby_parked = False
-                    self.standby_wakeup.notify()
+                connection, job = ready.popleft()
+                baton.running_since = time.monotonic()
+                if baton.parked:
+                    baton.unpark()
             self.run_job(connection, job, me)
 
-    def stopped(self) -> bool:
-        """While stopping: True once in-flight requests are done (or may wait no longer)."""
-        if self.stop_deadline is None:
-            self.stop_deadline = time.monotonic() + self.settings.graceful_timeout
-            self.stop_accepting()
-            self.listener.close()
+    def wind_down(self) -> bool:
+        """While stopping (every round): close the listener and the idle connections;
+        True once in-flight requests are done, or may be waited for no longer."""
+        self.stop_accepting()
+        self.listener.close()  # again and again: closing a closed socket does nothing
         self.close_idle()
-        return (self.fast_exit or (self.busy == 0 and not self.connections)
+        return (self.phase is Phase.STOPPING_FAST
+                or (self.working_connections == 0 and not self.connections)
                 or time.monotonic() > self.stop_deadline)
 
     def ppid_changed(self) -> bool:
         return self.report_fd is not None and self.ppid != os.getppid()
 
     def start_accepting(self) -> None:
-        if not self.accepting and self.alive:
+        if not self.accepting and self.phase is SERVING:
             self.selector.register(self.listener, selectors.EVENT_READ, None)
             self.accepting = True
             self.full_since = 0.0
@@ -409,28 +356,28 @@ class ThreadWorker(Worker):
         """Take a new connection and read it at once: the web server writes its request
         right after connecting. Only one that is to carry more input is registered.
         A ``shed`` one gets 503 for its request, then is closed."""
-        parser = protocol.Connection(self.settings.max_connections, self.settings.workers,
-                                     self.maxpost, self.settings.max_params)
-        connection = Connection(sock, parser, self.lock, self.settings.timeout)
+        fastcgi = protocol.Connection(self.settings.max_connections, self.settings.workers,
+                                      self.maxpost, self.settings.max_params)
+        connection = Connection(sock, fastcgi, self.lock, self.settings.timeout)
         connection.shed = shed
         self.connections[connection.fd] = connection
         self.read(connection)
-        if not connection.finished and self.connections.get(connection.fd) is connection:
+        if not connection.last_request_in and self.connections.get(connection.fd) is connection:
             self.watch(connection, selectors.EVENT_READ)
 
     def idle_connection(self) -> Optional[Connection]:
         """At the cap: the oldest connection that sits between requests, to let go of for a
         new one (None when every connection is busy)."""
         for connection in self.connections.values():
-            if (not connection.busy and connection.request_id and not connection.outbox
-                    and connection.parser.between_requests and not connection.finished
+            if (not connection.working and connection.request_id and not connection.outbox
+                    and connection.fastcgi.between_requests and not connection.last_request_in
                     and not connection.shed):
                 return connection
         return None
 
     def shed_overflow(self, now: float) -> None:
         """Full for SHED_AFTER s and connections still waiting: take them to answer 503."""
-        if not self.full_since or now - self.full_since < SHED_AFTER or not self.alive:
+        if not self.full_since or now - self.full_since < SHED_AFTER or self.phase is not SERVING:
             return
         if not select.select([self.listener], [], [], 0)[0]:
             return
@@ -473,14 +420,14 @@ class ThreadWorker(Worker):
                 self.close(connection)
             return  # what a finished connection still sends is read only to be dropped
         if not data:
-            if not connection.parser.between_requests:
+            if not connection.fastcgi.between_requests:
                 log.warning("worker %d: a FastCGI connection ended inside a request "
                             "(truncated record or stream): the request is dropped",
                             self.number)
             self.close(connection)
             return
         try:
-            events = connection.parser.receive(data)
+            events = connection.fastcgi.receive(data)
         except protocol.ProtocolError as error:
             log.warning("worker %d: closing a FastCGI connection: %s", self.number, error)
             self.close(connection)
@@ -488,7 +435,7 @@ class ThreadWorker(Worker):
         for event in events:
             if isinstance(event, protocol.Request):
                 if not event.keep_conn or connection.shed:
-                    connection.finished = True
+                    connection.last_request_in = True
                 if connection.shed:
                     event = protocol.response_records(event.request_id, self.overloaded)
                 self.dispatch(connection, event)
@@ -506,11 +453,11 @@ class ThreadWorker(Worker):
     def dispatch(self, connection: Connection, job: Job) -> None:
         """Queue a request (or bytes to send), in order per connection."""
         with self.lock:
-            if connection.busy:
+            if connection.working:
                 connection.pending.append(job)
                 return
-            connection.busy = True
-            self.busy += 1
+            connection.working = True
+            self.working_connections += 1
             self.ready.append((connection, job))
 
     def watch(self, connection: Connection, events: int) -> None:
@@ -531,7 +478,7 @@ class ThreadWorker(Worker):
         self.start_accepting()
         with self.lock:
             connection.outbox.clear()
-            if connection.busy:
+            if connection.working:
                 connection.closed = True
                 return
         connection.sock.close()
@@ -544,20 +491,20 @@ class ThreadWorker(Worker):
         fresh one is closed under it.
         """
         for connection in list(self.connections.values()):
-            if (not connection.busy and connection.request_id and not connection.outbox
-                    and connection.parser.between_requests):
+            if (not connection.working and connection.request_id and not connection.outbox
+                    and connection.fastcgi.between_requests):
                 self.close(connection)
 
     # -- answers the client has not taken yet ---------------------------------------------
 
-    def update(self, connection: Connection) -> None:
+    def settle(self, connection: Connection) -> None:
         """A thread handed a connection over: write its outbox, or close it if it is done."""
         # The loop may have let the connection go meanwhile (its thread then closed it).
         if self.connections.get(connection.fd) is not connection:
             return
         with self.lock:
             waiting = bool(connection.outbox)
-            done = connection.finished and not connection.busy
+            done = connection.last_request_in and not connection.working
         if waiting:
             self.watch(connection, connection.events | selectors.EVENT_WRITE)
         elif done:
@@ -568,7 +515,7 @@ class ThreadWorker(Worker):
         while True:
             with self.lock:
                 if not connection.outbox:
-                    close = connection.finished and not connection.busy
+                    close = connection.last_request_in and not connection.working
                     break
                 view = connection.outbox[0]
             try:
@@ -631,32 +578,34 @@ class ThreadWorker(Worker):
         """Run a job and whatever queued behind it on the same connection.
 
         A connection answered without KEEP_CONN is closed here when this thread still holds
-        the loop (clearing ``running_since`` keeps the standby from taking it meanwhile);
-        otherwise it is handed to the loop to close.
+        the loop (clearing the baton's ``running_since`` keeps the standby from taking it
+        meanwhile); otherwise it is handed to the loop to close.
         """
         while job is not None:
-            self.do(connection, job, thread_number)
+            self.run_one(connection, job, thread_number)
             with self.lock:
                 job = connection.pending.popleft() if connection.pending else None
                 if job is None:
-                    connection.busy = False
-                    self.busy -= 1
+                    connection.working = False
+                    self.working_connections -= 1
                     orphaned = connection.closed
                     # With an outbox left, the loop closes it once the client took it all.
-                    ending = connection.finished and not orphaned and not connection.outbox
-                    close_now = ending and self.holder == thread_number
+                    ending = (connection.last_request_in and not orphaned
+                              and not connection.outbox)
+                    close_now = ending and self.baton.holder == thread_number
                     if close_now:
-                        self.running_since = 0.0
+                        self.baton.running_since = 0.0
         if orphaned:
             connection.sock.close()
         elif close_now:
             self.end(connection)
         elif ending:
             self.hand_to_loop(connection)
-        if not self.alive:
+        if self.phase is not SERVING:
             self.wake()
 
-    def do(self, connection: Connection, job: Job, thread_number: int) -> None:
+    def run_one(self, connection: Connection, job: Job, thread_number: int) -> None:
+        """Answer one job: run a request, or send bytes that end one."""
         try:
             if isinstance(job, bytes):
                 self.finish(connection, job)
@@ -679,12 +628,11 @@ class ThreadWorker(Worker):
             connection.streamed = 0
             started = time.perf_counter()
         output = b""
-        self.running[thread_number] = (time.monotonic(), request)
         try:
             try:
                 output = self.app.handle(request, sink, thread_number)
             except OSError:
-                raise  # the client is gone (a flush failed): do() lets the connection go
+                raise  # the client is gone (a flush failed): run_one lets it go
             except Exception:
                 log.exception("worker %d: internal error answering a request", self.number)
                 output = error_page(500, self.settings.headers)
@@ -693,7 +641,6 @@ class ThreadWorker(Worker):
                 connection.big = True
             self.finish(connection, records)
         finally:
-            del self.running[thread_number]
             if access_log is not None:  # the line is written for a lost client too
                 log_access(access_log, request, connection, output,
                            time.perf_counter() - started)
@@ -707,29 +654,22 @@ class ThreadWorker(Worker):
     def hand_to_loop(self, connection: Connection) -> None:
         """Have the loop look at a connection: write its outbox, or close it."""
         with self.lock:
-            self.to_watch.append(connection)
+            self.handed_over.append(connection)
         self.wake()
 
     def busy_threads(self) -> int:
-        """Threads running a request now (``busy`` also counts requests waiting to run)."""
+        """Threads running a request now (``working_connections`` also counts requests
+        waiting to run)."""
         with self.lock:
-            return self.busy - len(self.ready)
-
-    def oldest_request(self) -> Optional[protocol.Request]:
-        running = list(self.running.values())  # a copy: threads change it meanwhile
-        return min(running, key=lambda entry: entry[0])[1] if running else None
+            return self.working_connections - len(self.ready)
 
 
 def log_access(access_log: AccessLog, request: protocol.Request, connection: Connection,
                output: bytes, duration: float) -> None:
-    """The access log's line: status from the head's first line ("Status: NNN ...", which
-    every response starts with), bytes = what was sent past the head."""
+    """The access log's line: the answer's status, and the bytes sent past its head."""
     head = connection.head if connection.streamed else output
-    status = int(head[8:11]) if head.startswith(b"Status: ") and head[8:11].isdigit() else 0
-    head_end = head.find(b"\r\n\r\n")
     sent = connection.streamed + len(output)
-    body_bytes = sent - head_end - 4 if head_end >= 0 else sent
-    access_log.write(request.params, status, body_bytes, duration)
+    access_log.write(request.params, status_of(head), body_bytes(head, sent), duration)
 
 
 def shut_down(sock: socket.SocketType) -> None:

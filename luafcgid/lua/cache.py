@@ -24,6 +24,7 @@ from itertools import chain, count
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from luafcgid.log import log
+from luafcgid.lua.session import SessionBridge
 from luafcgid.lua.state import Blueprint, DocRoot, State
 
 
@@ -45,9 +46,10 @@ class StateCache:
     """
 
     def __init__(self, settings: Any, worker_number: int = 1,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._blueprint = Blueprint(settings, worker_number)
-        self.sessions = self._blueprint.sessions  # the Session store's bridge (heartbeat sweep)
+                 clock: Callable[[], float] = time.monotonic,
+                 sessions: Optional[SessionBridge] = None) -> None:
+        self._blueprint = Blueprint(settings, worker_number, sessions)
+        self.sessions = self._blueprint.sessions  # the Session store's bridge its states use
         self._states = settings.states
         self._clones = settings.clones
         # retries = 0 still looks once: a request must look before it loads.
@@ -134,15 +136,26 @@ class StateCache:
             return dict(self._count)
 
     def oldest_running(self) -> float:
-        """Seconds the longest-running request of this worker has run; 0.0 when none runs.
+        """Seconds the longest-running request of this worker has run; 0.0 when none runs."""
+        return self.longest_running()[0]
 
-        The master replaces a worker whose figure overran ``timeout`` (a C call the
-        watchdog cannot stop)."""
+    def longest_running(self) -> Tuple[float, Dict[bytes, bytes]]:
+        """The request running longest: (seconds it has run, its params); (0.0, {}) when
+        none runs. The master replaces a worker whose request overran ``timeout`` (a C call
+        the watchdog cannot stop) and names that request in its log."""
         now = time.time()
+        longest, params = 0.0, None
         with self._lock:
-            loading = (now - started for started in self._loading.values())
-            running = (state.running_for(now) for state in self._busy)
-            return max(chain(loading, running), default=0.0)
+            # A script's top level being loaded counts too (no request params yet): a
+            # runaway load is the master's to end as well.
+            for started in self._loading.values():
+                if now - started > longest:
+                    longest = now - started
+            for state in self._busy:
+                seconds = state.running_for(now)
+                if seconds > longest:
+                    longest, params = seconds, state.params
+        return longest, params or {}
 
     def __len__(self) -> int:
         return self._total

@@ -35,7 +35,7 @@ Two ways to have that hook run:
 
 What no hook can stop (a long C call such as ``os.execute``, a script that removes the
 hook with ``debug.sethook()``) is left to the master, which replaces a worker whose
-oldest request (:meth:`StateCache.oldest_running`, from :meth:`State.running_for`)
+oldest request (:meth:`StateCache.longest_running`, from :meth:`State.running_for`)
 overran ``timeout`` by a margin (``arbiter.py``).
 """
 
@@ -148,16 +148,19 @@ def _script_warning(script: str, line: bytes) -> None:
 class Blueprint:
     """What every state of one worker has in common, converted for Lua once.
 
-    ``sessions`` is the worker's session store as the ``Session`` global reaches it.
+    ``sessions`` is the worker's session store as the ``Session`` global reaches it: the
+    application's (which sweeps and closes it), or one of its own when none is given (a
+    cache used alone, as in tests). The slow log is the application's to open.
     """
 
-    def __init__(self, settings: Any, worker_number: int) -> None:
+    def __init__(self, settings: Any, worker_number: int,
+                 sessions: Optional[SessionBridge] = None) -> None:
         self.lua = lua_runtime.module(settings.lua)
         self.c_modules = lua_runtime.global_runtime() == settings.lua
         self.runtime_name = settings.lua
         self.base_paths = lua_runtime.base_paths(settings.lua, settings.lua_path,
                                                  settings.lua_cpath)
-        self.sessions = SessionBridge(settings)
+        self.sessions = sessions if sessions is not None else SessionBridge(settings)
         self.max_memory = settings.state_memory or None
         self.root = settings.root or ""
         responses = {status.value: f"{status.value} {status.phrase}" for status in http.HTTPStatus}
@@ -177,7 +180,6 @@ class Blueprint:
         })
         if settings.slowlog_timeout:
             self.options[b"slowlog_timeout"] = settings.slowlog_timeout
-            slowlog.open_log(settings.slowlog)
         self.options[b"headers"] = settings.headers
         # The compiled speed-ups, opened by this worker process (runtime.py): with them
         # requests pass their PARAMS as received, decoded into the env table in C.
@@ -252,8 +254,8 @@ class State:
     """
 
     __slots__ = ("script", "number", "hits", "last_used", "transient", "stale", "files",
-                 "started", "_runtime", "_run", "_table_from", "_raw", "_outlet", "_lua_error",
-                 "_memory_error")
+                 "started", "params", "_runtime", "_run", "_table_from", "_raw", "_outlet",
+                 "_lua_error", "_memory_error")
 
     def __init__(self, blueprint: Blueprint, script: str, docroot: DocRoot, number: int,
                  thread_data: Callable[[], tuple]) -> None:
@@ -271,6 +273,7 @@ class State:
         self.transient = False
         self.stale = False
         self.started = 0.0  # wall clock at the start of the running request; 0.0: idle
+        self.params: Optional[dict] = None  # the running request's (heartbeat: its URI)
         # Every Lua file loaded (script, startup script, required modules) as on disk then.
         self.files: List[Tuple[str, Signature]] = []
         self._outlet = _Outlet()
@@ -321,6 +324,7 @@ class State:
         outlet = self._outlet
         outlet.sink = sink
         self.started = started = time.time()
+        self.params = params
         try:
             # PARAMS as received, when the compiled decoder can make the env table of them
             # (raw_params is b"" when the server changed params): no dict conversion.
@@ -332,6 +336,7 @@ class State:
         finally:
             outlet.sink = None
             self.started = 0.0
+            self.params = None
         if outlet.sent:
             return self._streamed(result)
         if result.__class__ is bytes:
