@@ -201,7 +201,8 @@ class Application:
             thread_number: int) -> bytes:
         try:
             # bytes as sent: decoded only when a state is loaded, not per request
-            state = self.cache.acquire(script, request.params.get(b"DOCUMENT_ROOT", b""))
+            state = self.cache.acquire(script, request.params.get(b"DOCUMENT_ROOT", b""),
+                                       request.params)
         except ScriptError as failure:
             if not os.path.isfile(script):  # deleted since it was last looked at
                 self.real_paths.clear()

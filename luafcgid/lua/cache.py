@@ -62,12 +62,14 @@ class StateCache:
         self._busy: Set[State] = set()  # states lent to a request, transient ones too
         # State number → wall clock at the start of its load, while a request loads it: a
         # script's top level can run away too (a C call, a loop LuaJIT compiled).
-        self._loading: Dict[int, float] = {}
+        # state number → (when its load began, the params of the request it is for)
+        self._loading: Dict[int, Tuple[float, Optional[Dict[bytes, bytes]]]] = {}
         self._closed = False
         self._numbers = count(1)
         self._thread_data = functools.partial(_thread_data, weakref.ref(self))
 
-    def acquire(self, script: str, docroot: DocRoot) -> State:
+    def acquire(self, script: str, docroot: DocRoot,
+                params: Optional[Dict[bytes, bytes]] = None) -> State:
         """A state of ``script`` (a checked real path) for one request; may load one.
 
         Raises :class:`ScriptError` when the script fails to load.
@@ -89,7 +91,7 @@ class StateCache:
         if victim is not None:
             log.debug("%s: state %d evicted for %s", victim.script, victim.number, script)
             victim.close()
-        return self._load(script, docroot, kept)
+        return self._load(script, docroot, kept, params)
 
     def release(self, state: State) -> None:
         """Give ``state`` back; a transient or stale one (changed on disk, timed out, over
@@ -148,9 +150,9 @@ class StateCache:
         with self._lock:
             # A script's top level being loaded counts too (no request params yet): a
             # runaway load is the master's to end as well.
-            for started in self._loading.values():
+            for started, request in self._loading.values():
                 if now - started > longest:
-                    longest = now - started
+                    longest, params = now - started, request
             for state in self._busy:
                 seconds = state.running_for(now)
                 if seconds > longest:
@@ -223,10 +225,11 @@ class StateCache:
 
     # --- outside the lock -----------------------------------------------------------------
 
-    def _load(self, script: str, docroot: DocRoot, kept: bool) -> State:
+    def _load(self, script: str, docroot: DocRoot, kept: bool,
+              params: Optional[Dict[bytes, bytes]]) -> State:
         number = next(self._numbers)
         with self._lock:
-            self._loading[number] = time.time()
+            self._loading[number] = (time.time(), params)
         try:
             state = State(self._blueprint, script, docroot, number, self._thread_data)
         except BaseException:
