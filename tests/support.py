@@ -27,6 +27,15 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 FASTCGI_PARAMS = "/etc/nginx/fastcgi_params"
 
 
+
+# A Lua function for test scripts: busy(seconds) spins for that much CPU (os.clock: the
+# thread running it is the one spinning), at line 3 of the script it starts.
+LUA_BUSY = """local function busy(seconds)
+  local start = os.clock()
+  while os.clock() - start < seconds do end
+end
+"""
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

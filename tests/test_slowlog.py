@@ -15,17 +15,13 @@ import pytest
 from luafcgid.app import Application
 from luafcgid.config import from_mapping
 from luafcgid.lua import StateCache, slowlog
-from tests.support import Site
+from tests.support import LUA_BUSY, Site
 
 # Every test waits for slowlog_timeout (real time) or starts a luafcgid.
 pytestmark = pytest.mark.slow
 
 # busy() spins for `seconds` of CPU (os.clock: this thread is the one spinning).
-SLOW = """local function busy(seconds)
-  local start = os.clock()
-  while os.clock() - start < seconds do end
-end
-
+SLOW = LUA_BUSY + """
 function main(env, con)
   busy(0.6)
   con:puts("done")

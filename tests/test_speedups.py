@@ -23,7 +23,15 @@ from hypothesis import strategies as st
 
 from luafcgid import protocol
 from luafcgid.lua import runtime
-from tests.support import Server, fcgi_call, wait_until, workers_of, write_config, write_scripts
+from tests.support import (
+    LUA_BUSY,
+    Server,
+    fcgi_call,
+    wait_until,
+    workers_of,
+    write_config,
+    write_scripts,
+)
 
 PUC_RUNTIMES = sorted(runtime.FAST_FORMAT)
 BENCH_PAGE = Path(__file__).resolve().parent.parent / "scripts" / "bench_lua" / "page.lua"
@@ -347,11 +355,7 @@ def test_luajit_keeps_its_own_format(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 # --- the compiled watchdog: the slow log, then the timeout, in a worker --------------------------
 
-SLOW_THEN_STUCK = """local function busy(seconds)
-  local start = os.clock()
-  while os.clock() - start < seconds do end
-end
-
+SLOW_THEN_STUCK = LUA_BUSY + """
 function main(env, con)
   busy(0.3)
   if env.QUERY_STRING == "forever" then
