@@ -172,39 +172,13 @@ def send_all(sock: socket.SocketType, data: bytes, timeout: float) -> None:
         poller.poll(remaining * 1000)
 
 
-def new_selector() -> selectors.BaseSelector:
-    """The event loop's selector: epoll with the listener registered EPOLLEXCLUSIVE where
-    Linux has it, so a new connection wakes one of the worker processes waiting for it, not
-    all of them (the others would wake to find nothing to accept)."""
-    if not hasattr(select, "EPOLLEXCLUSIVE"):
-        return selectors.DefaultSelector()
-    return _ExclusiveListenerSelector()
-
-
-class _ExclusiveListenerSelector(selectors.EpollSelector):
-    """EpollSelector whose registrations with data None (the listener) are exclusive.
-    EPOLLEXCLUSIVE is given only when a descriptor is added (never by modify), so this
-    does what EpollSelector.register does, with that flag."""
-
-    def register(self, fileobj, events, data=None):  # type: ignore[no-untyped-def]
-        if data is not None:
-            return super().register(fileobj, events, data)
-        key = selectors._BaseSelectorImpl.register(self, fileobj, events, data)
-        try:
-            self._selector.register(key.fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
-        except BaseException:
-            selectors._BaseSelectorImpl.unregister(self, fileobj)
-            raise
-        return key
-
-
 class ThreadWorker(Worker):
     """Serves FastCGI with ``workers`` threads passing the event loop between them."""
 
     def __init__(self, number: int, listener: socket.socket, settings: Settings,
                  report_fd: Optional[int] = None) -> None:
         super().__init__(number, listener, settings, report_fd)
-        self.selector = new_selector()
+        self.selector = selectors.DefaultSelector()
         self.connections: dict[int, Connection] = {}
         self.ready: collections.deque = collections.deque()  # (connection, job) to run, in order
         self.lock = threading.Lock()  # guards ready, working_connections, handed_over, baton
