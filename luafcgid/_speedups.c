@@ -32,6 +32,9 @@ static int read_length(const unsigned char *data, Py_ssize_t *pos, Py_ssize_t en
     return 1;
 }
 
+static PyObject *decode_range(const unsigned char *data, Py_ssize_t size, Py_ssize_t pos,
+                              Py_ssize_t end);
+
 static PyObject *decode_pairs(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     if (nargs != 3 || !PyBytes_Check(args[0])) {
@@ -47,6 +50,12 @@ static PyObject *decode_pairs(PyObject *module, PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_ValueError, "decode_pairs: pos and end must lie within data");
         return NULL;
     }
+    return decode_range(data, size, pos, end);
+}
+
+/* The pairs in data[pos:end] (data holds size bytes) as a dict; ValueError when cut. */
+static PyObject *decode_range(const unsigned char *data, Py_ssize_t size, Py_ssize_t pos,
+                              Py_ssize_t end) {
     PyObject *pairs = PyDict_New();
     if (pairs == NULL)
         return NULL;
@@ -173,22 +182,11 @@ static PyObject *whole_request(PyObject *module, PyObject *const *args, Py_ssize
     }
     if (pos != size)
         Py_RETURN_NONE;
-    PyObject *params = params_records ? NULL : PyDict_New();
-    if (params_records) {
-        PyObject *pair_args[3] = {args[0], NULL, NULL};
-        pair_args[1] = PyLong_FromSsize_t(params_start);
-        pair_args[2] = PyLong_FromSsize_t(params_end);
-        if (pair_args[1] != NULL && pair_args[2] != NULL)
-            params = decode_pairs(module, pair_args, 3);
-        Py_XDECREF(pair_args[1]);
-        Py_XDECREF(pair_args[2]);
-        if (params == NULL) {  /* malformed pairs: Python reads it and says so */
-            PyErr_Clear();
-            Py_RETURN_NONE;
-        }
+    PyObject *params = decode_range(data, size, params_start, params_end);
+    if (params == NULL) {  /* malformed pairs: Python reads them and says so */
+        PyErr_Clear();
+        Py_RETURN_NONE;
     }
-    if (params == NULL)
-        return NULL;
     int over = announced_over(params, maxpost);
     if (over != 0) {  /* announced over maxpost, or Python must read the number */
         PyErr_Clear();
